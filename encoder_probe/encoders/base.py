@@ -1,0 +1,273 @@
+"""VisionEncoder and Tokens: the one shape every loader returns and every probe reads.
+
+A loader's whole job is to say where the tokens the MLLM (or the encoder's own head) consumes
+come from; probes then never guess "drop one CLS, assume a square 14x14 grid".
+
+Layer numbering follows the HF ``hidden_states`` convention: 0 is the embedding output, k the
+output of block k (1-based), negatives count from the end of the *full* tower. ``"final"`` is
+the source's own token output after its final norm.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import LayerError, SpecError
+
+Layer = int | str  # an int index, or "final"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class Tokens:
+    """Tokens of one layer. ``patches`` is row-major over ``grid``; ``prefix`` holds CLS/registers."""
+
+    patches: torch.Tensor  # (B, h*w, D)
+    prefix: torch.Tensor  # (B, P, D), P may be 0
+    grid: tuple[int, int]  # (h, w)
+    layer: Layer
+
+    def __post_init__(self):
+        b, n, _ = self.patches.shape
+        if n != self.grid[0] * self.grid[1]:
+            raise ValueError(f"{n} patch tokens do not fill a {self.grid[0]}x{self.grid[1]} grid")
+
+    def to_map(self) -> torch.Tensor:
+        """Patch tokens as a (B, D, h, w) feature map."""
+        b, _, d = self.patches.shape
+        return self.patches.transpose(1, 2).reshape(b, d, *self.grid)
+
+    @property
+    def num_prefix(self) -> int:
+        return self.prefix.shape[1]
+
+
+class _ToRGB:
+    """Grayscale, CMYK, palette and alpha images all become 3-channel RGB (picklable for workers)."""
+
+    def __call__(self, image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The exact preprocessing the source model uses; part of the fingerprint.
+
+    resize="shortest": scale the short side to ``resize_to`` then centre-crop ``size`` (CLIP, timm).
+    resize="exact": scale straight to ``size`` (SigLIP, InternVL, Qwen2-VL at a fixed resolution).
+    """
+
+    size: tuple[int, int]  # (H, W) of the tensor the tower receives
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize: str = "exact"
+    resize_to: int | None = None
+
+    def __post_init__(self):
+        if self.resize not in ("exact", "shortest"):
+            raise ValueError(f"resize must be 'exact' or 'shortest', got {self.resize!r}")
+
+    @property
+    def transform(self):
+        from torchvision import transforms as T
+
+        mode = T.InterpolationMode(self.interpolation)
+        if self.resize == "exact":
+            geometry = [T.Resize(self.size, interpolation=mode, antialias=True)]
+        else:
+            geometry = [
+                T.Resize(self.resize_to or min(self.size), interpolation=mode, antialias=True),
+                T.CenterCrop(self.size),
+            ]
+        return T.Compose([_ToRGB(), *geometry, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def describe(self) -> str:
+        h, w = self.size
+        how = f"resize to {h}x{w}" if self.resize == "exact" else (
+            f"resize short side to {self.resize_to or min(self.size)}, centre-crop {h}x{w}")
+        mean = ", ".join(f"{m:.3g}" for m in self.mean)
+        std = ", ".join(f"{s:.3g}" for s in self.std)
+        return f"{how} ({self.interpolation}), mean ({mean}) std ({std})"
+
+
+@dataclass
+class LayerInfo:
+    """What the default layer is and why, for `probe inspect` and results.json."""
+
+    default: Layer
+    depth: int  # blocks in the full architecture
+    available: int  # blocks present in the checkpoint (a truncated tower has fewer)
+    has_final: bool = True  # whether the final norm is there for layer "final"
+    note: str = ""
+
+
+class VisionEncoder:
+    """A loaded vision tower with its preprocessing and token layout.
+
+    Subclasses implement ``_forward_layers`` (and ``_project`` / ``_head`` where they have one).
+    ``forward_tokens`` does not disable autograd: extraction wraps it in inference mode, gradient
+    probes call it with gradients on.
+    """
+
+    source: str = ""
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        module: nn.Module,
+        preprocess: Preprocess,
+        layers: LayerInfo,
+        layer: Layer | None = None,
+        projector: nn.Module | None = None,
+        with_projector: bool = False,
+        details: dict | None = None,
+    ):
+        self.spec = spec
+        self.module = module.eval()
+        self.projector = projector.eval() if projector is not None else None
+        self.preprocess = preprocess
+        self.layers = layers
+        self.layer = self.resolve_layer(layers.default if layer is None else layer)
+        if with_projector and projector is None:
+            raise SpecError(f"{spec}: has no projector (with_projector needs an MLLM checkpoint)")
+        self.with_projector = with_projector
+        self.details = dict(details or {})
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def transform(self):
+        return self.preprocess.transform
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def to(self, device=None, dtype=None) -> "VisionEncoder":
+        for m in (self.module, self.projector):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    def resolve_layer(self, layer: Layer) -> Layer:
+        """Normalise a layer request to a non-negative index or "final", or fail clearly."""
+        if isinstance(layer, str):
+            if layer == "final":
+                if not self.layers.has_final:
+                    raise LayerError(f"{self.spec}: layer 'final' is not available "
+                                     "(the checkpoint has no final norm); pass an integer layer")
+                return layer
+            try:
+                layer = int(layer)
+            except ValueError:
+                raise LayerError(f"{self.spec}: layer must be an integer or 'final', got {layer!r}")
+        depth, available = self.layers.depth, self.layers.available
+        index = layer + depth + 1 if layer < 0 else layer
+        if not 0 <= index <= available:
+            removed = "" if available == depth else f" (blocks {available + 1}..{depth} were removed)"
+            raise LayerError(f"{self.spec}: layer {layer} out of range; this tower has layers "
+                             f"0..{available} of {depth}{removed}")
+        return index
+
+    def forward_tokens(self, pixels: torch.Tensor, layers: Layer | Sequence[Layer] | None = None):
+        """Tokens for the default layer, one layer (-> Tokens), or several (-> list[Tokens])."""
+        single = layers is None or isinstance(layers, (int, str))
+        wanted = [self.layer] if layers is None else [layers] if single else list(layers)
+        wanted = [self.resolve_layer(layer) for layer in wanted]
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        out = self._forward_layers(pixels, wanted)
+        if self.with_projector:
+            out = [self.project(t) for t in out]
+        return out[0] if single else out
+
+    def project(self, tokens: Tokens) -> Tokens:
+        """What the MLLM's projector makes of these tokens (the LLM's input embeddings)."""
+        if self.projector is None:
+            raise SpecError(f"{self.spec}: has no projector")
+        return self._project(tokens)
+
+    def pool(self, tokens: Tokens, how: str = "cls") -> torch.Tensor:
+        """One vector per image: cls | mean | cls+mean | head (the model's own pooling head)."""
+        if how == "mean":
+            return tokens.patches.mean(1)
+        if how in ("cls", "cls+mean"):
+            if tokens.num_prefix == 0:
+                raise SpecError(f"{self.spec}: has no CLS token at layer {tokens.layer}; "
+                                "use pool 'mean' or 'head'")
+            cls = tokens.prefix[:, 0]
+            return cls if how == "cls" else torch.cat([cls, tokens.patches.mean(1)], dim=-1)
+        if how == "head":
+            if tokens.layer != "final":
+                raise SpecError(f"{self.spec}: pool 'head' needs tokens of layer 'final', "
+                                f"got layer {tokens.layer}")
+            return self._head(tokens)
+        raise SpecError(f"unknown pooling {how!r}; choose cls, mean, cls+mean or head")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over weights, preprocessing and layer choice: the key of every cache."""
+        h = hashlib.sha256()
+        meta = {"source": self.source, "layer": self.layer, "with_projector": self.with_projector,
+                "preprocess": asdict(self.preprocess)}
+        h.update(json.dumps(meta, sort_keys=True).encode())
+        modules = [self.module] + ([self.projector] if self.with_projector else [])
+        for module in modules:
+            for name, tensor in sorted(module.state_dict().items()):
+                t = tensor.detach().to("cpu").contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """Everything `probe inspect` shows, as plain data."""
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "layer": self.layer,
+            "layer_note": self.layers.note,
+            "depth": self.layers.depth,
+            "available_layers": self.layers.available,
+            "with_projector": self.with_projector,
+            "preprocess": self.preprocess.describe(),
+            "n_params": self.n_params,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **self.details,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, layer={self.layer})"
+
+    # -- for subclasses -----------------------------------------------------------------------
+    def _forward_layers(self, pixels: torch.Tensor, layers: list[Layer]) -> list[Tokens]:
+        raise NotImplementedError
+
+    def _project(self, tokens: Tokens) -> Tokens:
+        projected = self.projector(tokens.patches)
+        return Tokens(projected, projected[:, :0], tokens.grid, tokens.layer)
+
+    def _head(self, tokens: Tokens) -> torch.Tensor:
+        raise SpecError(f"{self.spec}: source {self.source!r} has no pooling head; "
+                        "use pool cls, mean or cls+mean")

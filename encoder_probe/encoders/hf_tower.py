@@ -1,0 +1,206 @@
+"""One adapter over the HF vision transformers (CLIP, SigLIP, SigLIP2, DINOv2, InternViT).
+
+The `hf`, `llava` and `hf-mllm` sources all hold one of these towers; this module is the only
+place that knows each family's prefix tokens, patchification and pooling head.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .base import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, Layer, Preprocess, Tokens, VisionEncoder
+
+# dual-tower model_type -> the model_type of its vision half
+DUAL_TOWER = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+VISION_TYPES = {"clip_vision_model", "siglip_vision_model", "siglip2_vision_model", "dinov2",
+                "dinov2_with_registers", "internvl_vision"}
+# PIL resample codes used in preprocessor_config.json
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def vision_config_of(config):
+    """The vision half of a dual-tower config, or the config itself."""
+    if config.model_type in DUAL_TOWER:
+        return config.vision_config
+    if config.model_type not in VISION_TYPES:
+        raise CheckpointError(f"model_type {config.model_type!r} is not a supported vision tower "
+                              f"(supported: {', '.join(sorted(VISION_TYPES | set(DUAL_TOWER)))})")
+    return config
+
+
+def build_tower(vision_config, *, num_layers: int | None = None, use_head: bool | None = None) -> nn.Module:
+    """A randomly initialised HF vision model from its config, optionally truncated."""
+    from transformers import AutoModel
+
+    cfg = copy.deepcopy(vision_config)
+    if num_layers is not None:
+        cfg.num_hidden_layers = num_layers
+    if use_head is not None and hasattr(cfg, "vision_use_head"):
+        cfg.vision_use_head = use_head
+    return AutoModel.from_config(cfg)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+
+
+class HFTower:
+    """Runs an HF vision model and splits its hidden states into Tokens."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.kind = self.config.model_type
+        self.patch = _pair(self.config.patch_size)
+        registers = getattr(self.config, "num_register_tokens", 0) if self.kind == "dinov2_with_registers" else 0
+        self.num_prefix = 0 if self.kind.startswith("siglip") else 1 + registers
+        self.depth = self.config.num_hidden_layers
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return native_size(self.config)
+
+    def grid(self, pixels: torch.Tensor) -> tuple[int, int]:
+        h, w = pixels.shape[-2:]
+        if h % self.patch[0] or w % self.patch[1]:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch}")
+        return h // self.patch[0], w // self.patch[1]
+
+    def run(self, pixels: torch.Tensor):
+        """The model's own forward with all hidden states."""
+        if self.kind == "siglip2_vision_model":
+            b, c, h, w = pixels.shape
+            gh, gw = self.grid(pixels)
+            p = self.patch[0]
+            # the Siglip2 image processor's patch order: (gh, gw) row-major, each patch (p, p, C)
+            patches = pixels.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, -1)
+            mask = torch.ones(b, gh * gw, dtype=torch.long, device=pixels.device)
+            shapes = torch.tensor([[gh, gw]] * b, device=pixels.device)
+            return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes,
+                              output_hidden_states=True)
+        kwargs = {}
+        if self.kind in ("clip_vision_model", "siglip_vision_model") and tuple(pixels.shape[-2:]) != self.native_size:
+            kwargs["interpolate_pos_encoding"] = True
+        return self.model(pixel_values=pixels, output_hidden_states=True, **kwargs)
+
+    def hidden(self, output, layer: Layer) -> torch.Tensor:
+        return output.last_hidden_state if layer == "final" else output.hidden_states[layer]
+
+    def split(self, hidden: torch.Tensor, grid: tuple[int, int], layer: Layer) -> Tokens:
+        p = self.num_prefix
+        return Tokens(hidden[:, p:], hidden[:, :p], grid, layer)
+
+    def head(self, tokens: Tokens, projection: nn.Module | None = None) -> torch.Tensor:
+        """The model's own pooled embedding from its final tokens."""
+        hidden = torch.cat([tokens.prefix, tokens.patches], dim=1)
+        if self.kind == "clip_vision_model":
+            pooled = self.model.post_layernorm(hidden[:, 0])
+            return projection(pooled) if projection is not None else pooled
+        if self.kind.startswith("siglip") and getattr(self.model, "head", None) is not None:
+            return self.model.head(hidden)
+        if self.kind.startswith("dinov2"):
+            return hidden[:, 0]
+        raise NotImplementedError(f"{self.kind} has no pooling head here; use cls, mean or cls+mean")
+
+
+def native_size(vision_config) -> tuple[int, int]:
+    """The input resolution the tower was trained at (SigLIP2 NaFlex: its square patch budget)."""
+    if vision_config.model_type == "siglip2_vision_model":
+        side = int(round(vision_config.num_patches ** 0.5)) * _pair(vision_config.patch_size)[0]
+        return side, side
+    return _pair(vision_config.image_size)
+
+
+def default_preprocess(vision_config, size: tuple[int, int] | None = None) -> Preprocess:
+    """The family's published preprocessing when no preprocessor_config.json is at hand."""
+    kind = vision_config.model_type
+    size = size or native_size(vision_config)
+    if kind == "clip_vision_model":
+        return Preprocess(size, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", min(size))
+    if kind.startswith("dinov2"):
+        return Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, "bicubic", "shortest", round(min(size) * 256 / 224))
+    if kind == "internvl_vision":
+        return Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, "bicubic", "exact")
+    return Preprocess(size, HALF, HALF, "bicubic", "exact")
+
+
+def preprocess_from_dir(directory: Path, vision_config) -> tuple[Preprocess, str]:
+    """Preprocessing from preprocessor_config.json if the directory has one, else the family default."""
+    file = directory / "preprocessor_config.json"
+    if not file.is_file():
+        return default_preprocess(vision_config), "family default (no preprocessor_config.json)"
+    try:
+        cfg = json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    base = default_preprocess(vision_config)
+    size, crop = cfg.get("size"), cfg.get("crop_size")
+    interpolation = _RESAMPLE.get(cfg.get("resample"), base.interpolation)
+    mean = tuple(cfg.get("image_mean", base.mean))
+    std = tuple(cfg.get("image_std", base.std))
+    if isinstance(size, dict) and "shortest_edge" in size and vision_config.model_type != "siglip2_vision_model":
+        crop_hw = _pair((crop["height"], crop["width"])) if isinstance(crop, dict) else _pair(crop or size["shortest_edge"])
+        if cfg.get("do_center_crop", True):
+            return Preprocess(crop_hw, mean, std, interpolation, "shortest", int(size["shortest_edge"])), file.name
+        return Preprocess(crop_hw, mean, std, interpolation, "exact"), file.name
+    if isinstance(size, dict) and "height" in size:
+        return Preprocess(_pair((size["height"], size["width"])), mean, std, interpolation, "exact"), file.name
+    return Preprocess(base.size, mean, std, interpolation, base.resize, base.resize_to), file.name
+
+
+class HFTowerEncoder(VisionEncoder):
+    """A VisionEncoder over an HFTower; the `hf`, `llava` and `hf-mllm` sources all return one.
+
+    ``projector_takes_prefix``: the MLLM feeds CLS/registers to its projector too (select strategy
+    "full"). ``shuffle``: InternVL's pixel-shuffle ratio, applied before the projector.
+    """
+
+    def __init__(self, *, tower: HFTower, source: str, projector_takes_prefix: bool = False,
+                 shuffle: float | None = None, head_projection: nn.Module | None = None, **kwargs):
+        self.tower = tower
+        self.source = source
+        self.projector_takes_prefix = projector_takes_prefix
+        self.shuffle = shuffle
+        self.head_projection = head_projection
+        super().__init__(**kwargs)
+        self.details.setdefault("token_layout", f"{tower.num_prefix} prefix token(s), patch {tower.patch[0]}x{tower.patch[1]}")
+
+    def _forward_layers(self, pixels, layers):
+        output = self.tower.run(pixels)
+        grid = self.tower.grid(pixels)
+        tokens = [self.tower.split(self.tower.hidden(output, layer), grid, layer) for layer in layers]
+        return [pixel_shuffle(t, self.shuffle) for t in tokens] if self.shuffle else tokens
+
+    def _project(self, tokens: Tokens) -> Tokens:
+        if not (self.projector_takes_prefix and tokens.num_prefix):
+            return super()._project(tokens)
+        p = tokens.num_prefix
+        projected = self.projector(torch.cat([tokens.prefix, tokens.patches], dim=1))
+        return Tokens(projected[:, p:], projected[:, :p], tokens.grid, tokens.layer)
+
+    def _head(self, tokens: Tokens) -> torch.Tensor:
+        if self.shuffle:
+            return super()._head(tokens)
+        try:
+            return self.tower.head(tokens, self.head_projection)
+        except NotImplementedError:
+            return super()._head(tokens)
+
+
+def pixel_shuffle(tokens: Tokens, ratio: float) -> Tokens:
+    """InternVL's space-to-depth: (h, w, D) -> (h*r, w*r, D/r^2); the CLS token is dropped."""
+    b, _, d = tokens.patches.shape
+    h, w = tokens.grid
+    if (h * ratio) % 1 or (w * ratio) % 1:
+        raise ValueError(f"grid {h}x{w} cannot be pixel-shuffled by {ratio}")
+    x = tokens.patches.reshape(b, h, w, d)
+    x = x.reshape(b, h, int(w * ratio), int(d / ratio)).permute(0, 2, 1, 3)
+    x = x.reshape(b, int(w * ratio), int(h * ratio), int(d / ratio ** 2)).permute(0, 2, 1, 3)
+    grid = (int(h * ratio), int(w * ratio))
+    x = x.reshape(b, grid[0] * grid[1], -1)
+    return Tokens(x, x[:, :0], grid, tokens.layer)

@@ -1,0 +1,121 @@
+"""LLaVA-NeXT / PIVOT training directories (the original LLaVA code base's layout).
+
+config.json: ``mm_vision_tower`` (a hub id, rarely on disk), ``mm_hidden_size``,
+``mm_projector_type``, ``mm_vision_select_layer``. Weights: the tower under
+``model.vision_tower.vision_tower.vision_model.*``, projector ``model.mm_projector.{0,2}``.
+LLaVA-NeXT's SigLIP tower deletes its last block and head and feeds the LLM the last remaining
+hidden state before post_layernorm; its CLIP tower keeps every block and feeds
+``hidden_states[mm_vision_select_layer]`` without CLS.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import CheckpointError
+from .base import LayerInfo
+from .checkpoint import CheckpointReader, load_into
+from .hf_tower import HFTower, HFTowerEncoder, build_tower, default_preprocess, preprocess_from_dir, vision_config_of
+from .known_towers import lookup, vision_config as config_from_params
+from .registry import read_config, register_source
+
+VISION_PREFIXES = ("model.vision_tower.vision_tower.", "vision_tower.vision_tower.", "model.vision_tower.")
+PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
+_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+def detect(config: dict) -> bool:
+    return "mm_vision_tower" in config
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """LLaVA's projector builder: ``linear`` or ``mlp{N}x_gelu`` (Linear, GELU, ..., Linear)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    match = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if not match:
+        raise CheckpointError(f"mm_projector_type {kind!r} is not supported (linear, mlpNx_gelu)")
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(int(match.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+def infer_tower_params(state: dict, present_layers: int) -> dict:
+    """A tower config from weight shapes alone; the head count is not in the weights and is guessed."""
+    patch = state["embeddings.patch_embedding.weight"]
+    hidden, side = patch.shape[0], patch.shape[-1]
+    clip = "embeddings.class_embedding" in state
+    positions = state["embeddings.position_embedding.weight"].shape[0] - (1 if clip else 0)
+    grid = round(positions ** 0.5)
+    params = dict(hidden_size=hidden, intermediate_size=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                  num_attention_heads=16 if hidden >= 1024 else max(1, hidden // 64),
+                  patch_size=side, image_size=grid * side)
+    if clip:
+        return dict(params, model_type="clip_vision_model", num_hidden_layers=present_layers,
+                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return dict(params, model_type="siglip_vision_model", num_hidden_layers=present_layers + 1,
+                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+@register_source("llava", description="LLaVA-NeXT / PIVOT MLLM dir (mm_vision_tower, model.mm_projector)",
+                 detect=detect)
+def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, vision_config=None):
+    path = Path(directory)
+    config = read_config(path)
+    reader = CheckpointReader(path)
+    prefix = reader.first_prefix(VISION_PREFIXES)
+    if prefix is None:
+        raise CheckpointError(f"{path}: missing vision keys (none under {VISION_PREFIXES[0]}); the tower was "
+                              f"probably frozen and not saved: load {config['mm_vision_tower']} itself with hf:DIR")
+    state = reader.load_prefix(prefix)
+    state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+    present = 1 + max((int(m.group(1)) for k in state if (m := _LAYER.match(k))), default=-1)
+    if present == 0 or "embeddings.patch_embedding.weight" not in state:
+        raise CheckpointError(f"{path}: missing vision keys (no encoder layers or patch embedding under {prefix})")
+
+    tower_id = config["mm_vision_tower"]
+    if vision_config is not None:
+        from transformers import AutoConfig
+        vcfg = vision_config_of(AutoConfig.from_pretrained(vision_config, local_files_only=True))
+        preprocess, _ = preprocess_from_dir(Path(vision_config), vcfg)
+        arch_from = f"--vision-config {vision_config}"
+    elif (params := lookup(tower_id)) is not None:
+        vcfg = config_from_params(params)
+        preprocess = default_preprocess(vcfg)
+        arch_from = f"built-in table ({tower_id})"
+    else:
+        vcfg = config_from_params(infer_tower_params(state, present))
+        preprocess = default_preprocess(vcfg)
+        arch_from = f"weight shapes ({tower_id} unknown; num_attention_heads={vcfg.num_attention_heads} guessed)"
+
+    depth = vcfg.num_hidden_layers
+    if present > depth:
+        raise CheckpointError(f"{path}: {present} tower blocks in the weights, but the architecture "
+                              f"({arch_from}) has {depth}")
+    model = build_tower(vcfg, num_layers=present, use_head=False)
+    missing = load_into(model, state, source=path, optional=lambda k: k.startswith("post_layernorm."))
+    tower = HFTower(model)
+    siglip = tower.kind.startswith("siglip")
+    select = int(config.get("mm_vision_select_layer", -2))
+    default = depth - 1 if siglip else select
+    note = ("SigLIP tower, last block removed: last remaining hidden state before post_layernorm" if siglip
+            else f"mm_vision_select_layer={select}, CLS dropped ({config.get('mm_vision_select_feature', 'patch')})")
+
+    projector = None
+    projector_prefix = reader.first_prefix(PROJECTOR_PREFIXES)
+    if projector_prefix is not None:
+        projector = build_projector(config.get("mm_projector_type", "linear"),
+                                    config.get("mm_hidden_size", vcfg.hidden_size), config["hidden_size"])
+        load_into(projector, reader.load_prefix(projector_prefix), source=path)
+    return HFTowerEncoder(
+        tower=tower, source="llava",
+        projector_takes_prefix=config.get("mm_vision_select_feature", "patch") == "cls_patch",
+        spec=spec, module=model, preprocess=preprocess, projector=projector,
+        layers=LayerInfo(default, depth, present, has_final=present == depth and not missing, note=note),
+        layer=layer, with_projector=with_projector,
+        details={"architecture": f"{tower.kind} from {arch_from}", "mm_vision_tower": tower_id,
+                 "vision_keys": prefix + "*", "blocks_in_weights": present},
+    )

@@ -1,0 +1,139 @@
+"""Qwen2-VL and Qwen2.5-VL: the `visual` tower with its 2x2 patch merger.
+
+The tower takes flattened patches in merge-window order plus ``grid_thw`` and, for 2.5-VL, runs
+its blocks on tokens re-ordered into attention windows. This adapter patchifies fixed-size
+images exactly as the Qwen2-VL image processor does and undoes both orderings, so block outputs
+come back row-major over the (h, w) patch grid. The merger is the projector: its input (the last
+block's output) is the default layer; with_projector gives its (h/2, w/2) output.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .base import CLIP_MEAN, CLIP_STD, LayerInfo, Preprocess, Tokens, VisionEncoder
+from .checkpoint import CheckpointReader, load_into
+from .registry import read_config, register_source
+
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+VISION_PREFIXES = ("model.visual.", "visual.")
+DEFAULT_SIZE = 448
+
+
+def detect(config: dict) -> bool:
+    return config.get("model_type") in MODEL_TYPES
+
+
+class QwenVisionEncoder(VisionEncoder):
+    source = "qwen2-vl"
+
+    def __init__(self, *, visual, **kwargs):
+        self.visual = visual
+        cfg = visual.config
+        self.patch, self.merge, self.temporal = cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size
+        self.windowed = hasattr(visual, "fullatt_block_indexes")
+        super().__init__(**kwargs)
+
+    def _grid(self, pixels) -> tuple[int, int]:
+        h, w = pixels.shape[-2:]
+        factor = self.patch * self.merge
+        if h % factor or w % factor:
+            raise ValueError(f"Qwen2-VL input {h}x{w} must be a multiple of {factor} (patch x merge)")
+        return h // self.patch, w // self.patch
+
+    def _patchify(self, pixels):
+        """The Qwen2-VL image processor's flattening: (B*h*w, C*T*P*P) in merge-block order."""
+        b, c, _, _ = pixels.shape
+        (gh, gw), p, m = self._grid(pixels), self.patch, self.merge
+        x = pixels.reshape(b, c, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1)
+        grid_thw = torch.tensor([[1, gh, gw]] * b, device=pixels.device)
+        return x.reshape(b * gh * gw, c * self.temporal * p * p), grid_thw
+
+    def _merge_order(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """(B, h*w, D) row-major -> merge-block order; `_row_major` is its inverse."""
+        b, _, d = tokens.shape
+        (h, w), m = grid, self.merge
+        return tokens.reshape(b, h // m, m, w // m, m, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, d)
+
+    def _row_major(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        b, _, d = tokens.shape
+        (h, w), m = grid, self.merge
+        return tokens.reshape(b, h // m, w // m, m, m, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, d)
+
+    def _forward_layers(self, pixels, layers):
+        b = pixels.shape[0]
+        grid = self._grid(pixels)
+        flat, grid_thw = self._patchify(pixels)
+        out = self.visual(flat, grid_thw=grid_thw, output_hidden_states=True)
+        unwindow = None
+        if self.windowed:
+            from transformers.vision_utils import get_vision_window_index
+            window_index, _ = get_vision_window_index(grid_thw, self.merge, self.visual.window_size, self.patch)
+            unwindow = torch.argsort(window_index.to(flat.device))
+        result = []
+        for layer in layers:
+            x = out.hidden_states[layer]  # (B*h*w, D), merge-block order (window order for 2.5)
+            if unwindow is not None:
+                unit = self.merge ** 2
+                x = x.reshape(-1, unit, x.shape[-1])[unwindow].reshape(x.shape)
+            x = self._row_major(x.reshape(b, -1, x.shape[-1]), grid)
+            result.append(Tokens(x, x[:, :0], grid, layer))
+        return result
+
+    def _project(self, tokens: Tokens) -> Tokens:
+        """The merger on any layer's tokens: groups of merge x merge neighbours -> one LLM token."""
+        b, _, d = tokens.patches.shape
+        x = self._merge_order(tokens.patches, tokens.grid)
+        merged = self.visual.merger(x.reshape(-1, d)).reshape(b, -1, self.visual.merger.mlp[-1].out_features)
+        grid = (tokens.grid[0] // self.merge, tokens.grid[1] // self.merge)
+        return Tokens(merged, merged[:, :0], grid, tokens.layer)
+
+
+def _preprocess(path: Path, factor: int, image_size: int | None) -> tuple[Preprocess, str]:
+    file = path / "preprocessor_config.json"
+    cfg = {}
+    if file.is_file():
+        try:
+            cfg = json.loads(file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    side = image_size or DEFAULT_SIZE
+    if side % factor:
+        raise CheckpointError(f"{path}: image_size {side} must be a multiple of {factor} (patch x merge)")
+    mean, std = tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
+    return Preprocess((side, side), mean, std, "bicubic", "exact"), (file.name if cfg else "Qwen2-VL defaults")
+
+
+@register_source("qwen2-vl", description="Qwen2-VL / Qwen2.5-VL dirs (visual tower + merger, dynamic "
+                 "resolution at a fixed --image-size)", detect=detect)
+def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, image_size=None):
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    path = Path(directory)
+    read_config(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel,
+           "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel}[config.model_type]
+    reader = CheckpointReader(path)
+    prefix = reader.first_prefix(VISION_PREFIXES)
+    if prefix is None:
+        raise CheckpointError(f"{path}: missing vision keys (none under {' or '.join(VISION_PREFIXES)})")
+    visual = cls._from_config(config.vision_config)
+    load_into(visual, reader.load_prefix(prefix), source=path)
+    vcfg = config.vision_config
+    preprocess, preprocess_from = _preprocess(path, vcfg.patch_size * vcfg.spatial_merge_size,
+                                              int(image_size) if image_size else None)
+    depth = vcfg.depth
+    return QwenVisionEncoder(
+        visual=visual, spec=spec, module=visual, preprocess=preprocess, projector=visual.merger,
+        layers=LayerInfo(depth, depth, depth, has_final=False, note="last block output = the merger's input"),
+        layer=layer, with_projector=with_projector,
+        details={"architecture": f"{config.model_type} ({cls.__name__})", "vision_keys": prefix + "*",
+                 "merge": f"{vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} merger", "preprocess_from": preprocess_from},
+    )

@@ -1,0 +1,124 @@
+"""One registry of encoder sources and `load_encoder`, the single entry point.
+
+Spec forms: ``SOURCE:TARGET[@WEIGHTS]`` (``timm:vit_small_patch16_224@w.safetensors``,
+``open_clip:ViT-B-32``, ``hf:/path/dir``) or a plain directory, whose config.json says which
+source reads it.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import CheckpointError, SpecError
+from .base import VisionEncoder
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    load: Callable[..., VisionEncoder]
+    description: str
+    detect: Callable[[dict], bool] | None = None  # for directories: does this config.json belong to us?
+    takes_weights: bool = False  # accepts TARGET@WEIGHTS
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, *, description: str, detect=None, takes_weights: bool = False):
+    """Decorator: ``load(target, weights, **options) -> VisionEncoder`` becomes source ``name``."""
+
+    def decorate(load):
+        _SOURCES[name] = Source(name, load, description, detect, takes_weights)
+        return load
+
+    return decorate
+
+
+def list_sources() -> list[Source]:
+    return list(_SOURCES.values())
+
+
+def parse_spec(spec: str) -> tuple[Source, str, str | None]:
+    """(source, target, weights) for a spec string, or a one-line SpecError."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"empty encoder spec {spec!r}")
+    head, sep, rest = spec.partition(":")
+    if sep and head in _SOURCES:
+        source = _SOURCES[head]
+        if not rest:
+            raise SpecError(f"malformed spec {spec!r}: nothing after '{head}:'")
+        target, at, weights = rest.partition("@") if source.takes_weights else (rest, "", "")
+        if at and not weights:
+            raise SpecError(f"malformed spec {spec!r}: nothing after '@'")
+        return source, target, weights or None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return detect_directory(path), str(path), None
+    if path.is_file():
+        raise SpecError(f"{spec}: a weights file needs a source, e.g. timm:NAME@{spec} or open_clip:ARCH@{spec}")
+    if sep and "/" not in head and not path.exists():
+        known = ", ".join(sorted(_SOURCES))
+        raise SpecError(f"unknown source {head!r} in spec {spec!r} (known: {known})")
+    raise SpecError(f"{spec}: no such directory, and not a SOURCE:NAME spec")
+
+
+def read_config(directory: Path) -> dict:
+    file = directory / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{directory}: no recognisable checkpoint (no config.json)")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return config
+
+
+def detect_directory(directory: Path) -> Source:
+    config = read_config(directory)
+    for source in _SOURCES.values():
+        if source.detect is not None and source.detect(config):
+            return source
+    what = config.get("model_type") or config.get("architectures") or "no model_type"
+    raise CheckpointError(f"{directory / 'config.json'}: no recognisable checkpoint ({what}); "
+                          "supported: LLaVA/PIVOT, LlavaOnevision, Qwen2-VL, Qwen2.5-VL, InternVL, "
+                          "CLIP, SigLIP, SigLIP2, DINOv2")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise SpecError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
+    return _DTYPES[key]
+
+
+def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_projector: bool = False,
+                 **options) -> VisionEncoder:
+    """Load the vision tower a spec names, with its exact preprocessing and feature layer.
+
+    ``layer`` overrides the default (what the MLLM's projector consumes, or the model's own final
+    tokens for plain encoders); ``with_projector=True`` makes ``forward_tokens`` return projected
+    tokens. Source-specific options (``vision_config=DIR``, ``image_size=N``) pass through.
+    """
+    source, target, weights = parse_spec(spec)
+    accepted = inspect.signature(source.load).parameters
+    for name in options:
+        if name not in accepted:
+            raise SpecError(f"source {source.name!r} takes no option {name!r}")
+    if weights is not None:
+        weights = str(Path(weights).expanduser())
+    encoder = source.load(target, weights, spec=spec, layer=layer, with_projector=with_projector, **options)
+    return encoder.to(device=device, dtype=parse_dtype(dtype))

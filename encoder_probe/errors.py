@@ -1,0 +1,17 @@
+"""Errors that reach the user as one line: what went wrong and with which file."""
+
+
+class EncoderProbeError(Exception):
+    """Base class: the CLI prints these as one line and exits with status 2."""
+
+
+class SpecError(EncoderProbeError):
+    """A malformed or unknown encoder spec, probe name or option."""
+
+
+class CheckpointError(EncoderProbeError):
+    """A checkpoint that cannot be read safely or does not match the architecture."""
+
+
+class LayerError(EncoderProbeError):
+    """A layer index the encoder does not have."""

@@ -1,0 +1,62 @@
+"""Runs a suite of probes on encoders and writes one results.json per encoder, atomically."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .encoders import load_encoder
+from .probe import get_probe, resolve_suite
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """Write via a temp file and rename, so a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _env(encoder) -> dict:
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": str(encoder.device), "dtype": str(encoder.dtype).removeprefix("torch.")}
+
+
+def run_suite(encoders: list[str], suite, out: str | Path, *, device=None, dtype=None, data=None,
+              seeds: int = 1, **load_options) -> list[dict]:
+    """Run every probe of ``suite`` on each encoder spec; a failing probe is recorded, the rest still run."""
+    names = resolve_suite(suite)
+    out = Path(out)
+    results = []
+    for spec in encoders:
+        encoder = load_encoder(spec, device=device, dtype=dtype, **load_options)
+        record = {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(),
+                  "encoder": {"spec": spec, "source": encoder.source, "fingerprint": encoder.fingerprint,
+                              "layer": encoder.layer, "n_params": encoder.n_params},
+                  "data": data or {}, "env": _env(encoder), "probes": {}}
+        for name in names:
+            start = time.perf_counter()
+            try:
+                result = get_probe(name).run(encoder, data, {"seeds": seeds}, {"out": out})
+                record["probes"][name] = {"status": "ok", **dict(result)}
+            except Exception as e:  # recorded, not fatal: the other probes still run
+                record["probes"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                          "traceback": traceback.format_exc(limit=5)}
+            record["probes"][name]["wall_s"] = round(time.perf_counter() - start, 3)
+        atomic_write_json(out / encoder.fingerprint[:16] / "results.json", record)
+        results.append(record)
+    return results

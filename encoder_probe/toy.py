@@ -1,0 +1,131 @@
+"""Tiny random checkpoints in the real on-disk layouts, for tests, the demo and benchmarks.
+
+Every writer builds the real model class from a small config (random weights, seeded) and saves
+it exactly as the original code base would, so loaders are exercised on true layouts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TEXT = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def _quiet():
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def write_siglip_dir(out: str | Path, *, seed: int = 0, **overrides) -> Path:
+    """A save_pretrained SiglipVisionModel dir (what --vision-config points at)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    _quiet()
+    torch.manual_seed(seed)
+    params = {k: v for k, v in {**SIGLIP, **overrides}.items() if k != "model_type"}
+    SiglipVisionModel(SiglipVisionConfig(**params)).save_pretrained(out)
+    return Path(out)
+
+
+def write_pivot(out: str | Path, *, tower: str = "local/tiny-siglip", vision: dict | None = None, seed: int = 0,
+                keep_post_layernorm: bool = True, hidden_size: int = 64) -> Path:
+    """A LLaVA-NeXT / PIVOT training dir: truncated SigLIP tower, mlp2x_gelu projector, a tiny LM.
+
+    Keys as LLaVA-NeXT saves them: ``model.vision_tower.vision_tower.vision_model.*`` (last block
+    and head removed), ``model.mm_projector.{0,2}.*``, ``model.layers.*``, ``lm_head.weight``.
+    """
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    _quiet()
+    torch.manual_seed(seed)
+    params = {k: v for k, v in {**SIGLIP, **(vision or {})}.items() if k != "model_type"}
+    full = SiglipVisionModel(SiglipVisionConfig(**params, vision_use_head=False))
+    del full.encoder.layers[-1:]
+    state = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in full.state_dict().items()
+             if keep_post_layernorm or not k.startswith("post_layernorm.")}
+    d = params["hidden_size"]
+    projector = torch.nn.Sequential(torch.nn.Linear(d, hidden_size), torch.nn.GELU(),
+                                    torch.nn.Linear(hidden_size, hidden_size))
+    state.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()})
+    state["model.embed_tokens.weight"] = torch.randn(128, hidden_size)
+    state["model.layers.0.mlp.down_proj.weight"] = torch.randn(hidden_size, hidden_size)
+    state["lm_head.weight"] = torch.randn(128, hidden_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    config = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "hidden_size": hidden_size,
+              "mm_vision_tower": tower, "mm_hidden_size": d, "mm_projector_type": "mlp2x_gelu",
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres_max_9"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def hf_mllm(kind: str, *, seed: int = 0):
+    """A tiny random transformers MLLM: llava_onevision | internvl | qwen2_vl | qwen2_5_vl."""
+    import transformers as T
+    _quiet()
+    torch.manual_seed(seed)
+    rope = dict(rope_type="default", mrope_section=[2, 2, 4])
+    qwen_text = {k: v for k, v in TEXT.items() if k != "model_type"} | dict(rope_parameters=rope)
+    if kind == "llava_onevision":
+        cfg = T.LlavaOnevisionConfig(vision_config=SIGLIP, text_config=TEXT, vision_feature_layer=-2,
+                                     image_grid_pinpoints=[[32, 32]])
+        return T.LlavaOnevisionForConditionalGeneration(cfg)
+    if kind == "internvl":
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=[32, 32], patch_size=[4, 4])
+        return T.InternVLForConditionalGeneration(T.InternVLConfig(vision_config=vision, text_config=TEXT))
+    if kind == "qwen2_vl":
+        vision = dict(depth=3, embed_dim=64, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2)
+        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(vision_config=vision, text_config=qwen_text))
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, window_size=16, fullatt_block_indexes=[2])
+        return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=qwen_text))
+    raise ValueError(f"unknown toy MLLM {kind!r}")
+
+
+def write_hf_mllm(out: str | Path, kind: str, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """save_pretrained of a tiny MLLM (sharded with an index when max_shard_size is given)."""
+    model = hf_mllm(kind, seed=seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return Path(out)
+
+
+def relayout(directory: str | Path, rename) -> None:
+    """Rewrite every safetensors file of ``directory`` with keys mapped by ``rename`` (and its index)."""
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    for file in directory.glob("*.safetensors"):
+        state = load_file(file)
+        save_file({rename(k): v for k, v in state.items()}, file, metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+
+
+def demo_images(n: int = 4, size: int = 64, seed: int = 0):
+    """Deterministic procedural PIL images: a coloured shape on a textured background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        background = (rng.random((size, size, 3)) * 60 + 40).astype("uint8")
+        image = Image.fromarray(background)
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(4, size // 2, 2)
+        r = int(rng.integers(size // 6, size // 3))
+        colour = tuple(int(c) for c in rng.integers(80, 256, 3))
+        (draw.ellipse if i % 2 else draw.rectangle)([x, y, x + r, y + r], fill=colour)
+        images.append(image)
+    return images

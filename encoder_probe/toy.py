@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 TEXT = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=128, bos_token_id=0, eos_token_id=1)
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, image_size=32, patch_size=8)
 

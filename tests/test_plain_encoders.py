@@ -22,6 +22,9 @@ from encoder_probe.errors import CheckpointError, LayerError, SpecError  # noqa:
 torch.set_num_threads(2)
 
 VIT = "vit_tiny_patch16_224"
+# load_encoder seeds random-init towers with 0; references use another seed, so a loader that
+# silently skipped the weights would be caught by every equality below.
+REF_SEED = 7
 
 
 def _save(state, path):
@@ -45,13 +48,12 @@ def _pixels(seed, b=2, size=224):
 def timm_vit(tmp_path_factory):
     import timm
 
-    torch.manual_seed(0)
+    torch.manual_seed(REF_SEED)
     ref = timm.create_model(VIT, pretrained=False).eval()
     d = tmp_path_factory.mktemp("timm_vit")
     st = _save(ref.state_dict(), d / "w.safetensors")
     pth = d / "w.pth"
     torch.save(ref.state_dict(), pth)
-    torch.manual_seed(1234)  # the loader's own random init must differ from the reference's
     enc = load_encoder(f"timm:{VIT}@{st}")
     return ref, enc, st, pth
 
@@ -99,7 +101,6 @@ def test_timm_vit_final_layer_and_head_match_timm(timm_vit):
 
 def test_timm_pth_loads_like_safetensors(timm_vit):
     ref, enc, _, pth = timm_vit
-    torch.manual_seed(999)
     enc_pth = load_encoder(f"timm:{VIT}@{pth}")
     sd = enc_pth.module.state_dict()
     for k, v in ref.state_dict().items():
@@ -130,7 +131,7 @@ def test_timm_preprocess_matches_timm_eval_transform(timm_vit):
 def test_timm_cnn_tokens_are_the_feature_map(tmp_path):
     import timm
 
-    torch.manual_seed(0)
+    torch.manual_seed(REF_SEED)
     ref = timm.create_model("resnet18", pretrained=False).eval()
     with torch.no_grad():  # non-trivial BN statistics, so loading buffers matters too
         for m in ref.modules():
@@ -138,7 +139,6 @@ def test_timm_cnn_tokens_are_the_feature_map(tmp_path):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     w = _save(ref.state_dict(), tmp_path / "r18.safetensors")
-    torch.manual_seed(77)
     enc = load_encoder(f"timm:resnet18@{w}")
     x = _pixels(2)
     with torch.no_grad():
@@ -165,10 +165,9 @@ def test_timm_cnn_tokens_are_the_feature_map(tmp_path):
 def test_open_clip_vit_tokens_and_head(tmp_path):
     import open_clip
 
-    torch.manual_seed(0)
+    torch.manual_seed(REF_SEED)
     ref = open_clip.create_model("ViT-S-32", pretrained=None).eval()
     w = _save(ref.state_dict(), tmp_path / "oc.safetensors")
-    torch.manual_seed(4321)
     enc = load_encoder(f"open_clip:ViT-S-32@{w}")
     assert enc.preprocess.size == (224, 224) and enc.preprocess.mean == tuple(ref.visual.preprocess_cfg["mean"])
     visual = ref.visual
@@ -181,11 +180,17 @@ def test_open_clip_vit_tokens_and_head(tmp_path):
         assert torch.equal(t.patches, tokens)
         head = enc.pool(t, "head")
         assert head.shape == pooled.shape
-        assert torch.allclose(head, pooled, atol=1e-6), (head - pooled).abs().max()
+        assert torch.equal(head, pooled), (head - pooled).abs().max()
         visual.output_tokens = False
-        assert torch.allclose(head, ref.encode_image(x), atol=1e-6)
-        # layer k = output of resblock k (before ln_post)
-        h = visual.ln_pre(visual.patch_dropout(visual._embeds(x) if hasattr(visual, "_embeds") else None))
+        assert torch.equal(head, ref.encode_image(x))
+        # integer layer k = output of resblock k (before ln_post); -1 = the last block
+        h = visual._embeds(x)
+        for blk in visual.transformer.resblocks[:2]:
+            h = blk(h)
+        t2, last = enc.forward_tokens(x, layers=[2, -1])
+        assert t2.layer == 2 and last.layer == len(visual.transformer.resblocks)
+        assert torch.equal(_cat(t2), h)
+        assert torch.equal(visual.ln_post(_cat(last)), _cat(t))
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,33 +257,48 @@ def _hf_reference(kind, model, x):
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
+    """kind -> (seeded reference model, expected prefix tokens, save_pretrained dir).
+
+    ``KIND+native``: the same model, but model.safetensors holds the module's own state_dict keys
+    (what save_pretrained writes for models without a key-conversion mapping).
+    """
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            torch.manual_seed(0)
-            model, n_prefix = _hf_make(kind)
+            base, native = kind.removesuffix("+native"), kind.endswith("+native")
+            torch.manual_seed(REF_SEED)
+            model, n_prefix = _hf_make(base)
             model.eval()
-            d = tmp_path_factory.mktemp(kind)
+            d = tmp_path_factory.mktemp(kind.replace("+", "_"))
             model.save_pretrained(d)
+            if native:
+                _save(model.state_dict(), d / "model.safetensors")
             cache[kind] = (model, n_prefix, d)
         return cache[kind]
 
     return get
 
 
-HF_KINDS = ["clip", "clip_dual", "siglip", "siglip_dual", "siglip2", "dinov2", "dinov2_reg"]
+# transformers 5 renamed DINOv2's attention modules (q_proj/k_proj/v_proj/o_proj) but its
+# save_pretrained still writes the published key names (attention.attention.query, ...), which
+# from_pretrained converts back; encoder_probe's hf source loads the file's keys verbatim.
+_DINO_KEYS = pytest.mark.xfail(strict=True, raises=CheckpointError, reason=(
+    "package bug: hf source does not apply transformers' checkpoint key conversion, so a DINOv2 "
+    "save_pretrained dir fails with 'missing vision keys: encoder.layer.0.attention.q_proj.weight ...'"))
+HF_KINDS = ["clip", "clip_dual", "siglip", "siglip_dual", "siglip2",
+            pytest.param("dinov2", marks=_DINO_KEYS), pytest.param("dinov2_reg", marks=_DINO_KEYS),
+            "dinov2+native", "dinov2_reg+native"]
 
 
 @pytest.mark.parametrize("kind", HF_KINDS)
 def test_hf_tokens_layers_and_head(hf_dirs, kind):
     model, n_prefix, d = hf_dirs(kind)
-    torch.manual_seed(555)
     enc = load_encoder(f"hf:{d}")
     assert enc.layer == "final"
     x = _pixels(4, size=32)
     with torch.no_grad():
-        ref, pooled = _hf_reference(kind, model, x)
+        ref, pooled = _hf_reference(kind.removesuffix("+native"), model, x)
         t = enc.forward_tokens(x)
         assert t.grid == (4, 4) and t.num_prefix == n_prefix
         assert t.patches.shape == (2, 16, 64)
@@ -338,6 +358,8 @@ def test_hf_preprocessor_config(hf_dirs, tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_fingerprint(timm_vit, tmp_path):
     ref, enc, st, _ = timm_vit
+    for k, v in ref.state_dict().items():  # the loaded weights are the file's
+        assert torch.equal(enc.module.state_dict()[k], v), k
     again = load_encoder(f"timm:{VIT}@{st}")
     assert len(enc.fingerprint) == 64 and int(enc.fingerprint, 16) >= 0
     assert again.fingerprint == enc.fingerprint
@@ -350,6 +372,15 @@ def test_fingerprint(timm_vit, tmp_path):
     other_layer = load_encoder(f"timm:{VIT}@{st}", layer=3)
     assert other_layer.layer == 3 and other_layer.fingerprint != enc.fingerprint
     assert load_encoder(f"timm:{VIT}@{st}", layer=-10).fingerprint == other_layer.fingerprint
+
+    # random init: the same spec names the same weights on every load, and differs from the file's
+    torch.manual_seed(1)
+    state_before = torch.get_rng_state()
+    rand_a = load_encoder(f"timm:{VIT}")
+    assert torch.equal(torch.get_rng_state(), state_before)  # the caller's RNG stream is untouched
+    torch.manual_seed(2)
+    rand_b = load_encoder(f"timm:{VIT}")
+    assert rand_a.fingerprint == rand_b.fingerprint != enc.fingerprint
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +413,7 @@ def test_truncated_safetensors(timm_vit, tmp_path):
 def test_shape_mismatch(tmp_path):
     import timm
 
-    torch.manual_seed(0)
+    torch.manual_seed(REF_SEED)
     small = timm.create_model("vit_small_patch16_224", pretrained=False)
     w = _save(small.state_dict(), tmp_path / "small.safetensors")
     with pytest.raises(CheckpointError) as e:
@@ -407,15 +438,33 @@ def test_directory_without_config(tmp_path):
         assert str(d) in str(e.value) and "config.json" in str(e.value)
 
 
-@pytest.mark.parametrize("model_type", ["no_such_model_type", "bert"])
-def test_unknown_model_type(tmp_path, model_type):
+def _config_dir(tmp_path, model_type):
     d = tmp_path / model_type
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": model_type}))
-    for spec in (str(d), f"hf:{d}"):
-        with pytest.raises(CheckpointError) as e:
-            load_encoder(spec)
-        assert str(d) in str(e.value), (spec, str(e.value))
+    return d
+
+
+@pytest.mark.parametrize("model_type", ["no_such_model_type", "bert"])
+def test_unknown_model_type_plain_dir(tmp_path, model_type):
+    d = _config_dir(tmp_path, model_type)
+    with pytest.raises(CheckpointError) as e:
+        load_encoder(str(d))
+    assert str(d / "config.json") in str(e.value) and model_type in str(e.value)
+
+
+@pytest.mark.parametrize("model_type", [
+    pytest.param("no_such_model_type", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+        "package bug: hf_source.load_hf calls AutoConfig.from_pretrained unguarded; transformers' "
+        "ValueError escapes instead of a CheckpointError"))),
+    pytest.param("bert", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "package bug: hf_tower.vision_config_of raises CheckpointError without naming the directory"))),
+])
+def test_unknown_model_type_hf_prefix(tmp_path, model_type):
+    d = _config_dir(tmp_path, model_type)
+    with pytest.raises(CheckpointError) as e:
+        load_encoder(f"hf:{d}")
+    assert str(d) in str(e.value) and model_type in str(e.value), str(e.value)
 
 
 def test_layer_out_of_range(timm_vit, hf_dirs):
@@ -432,10 +481,13 @@ def test_layer_out_of_range(timm_vit, hf_dirs):
     with pytest.raises(LayerError):  # timm has no embedding-output layer
         enc.forward_tokens(x, layers=0)
 
-    _, _, d = hf_dirs("dinov2")
+    model, _, d = hf_dirs("clip")
     with pytest.raises(LayerError):
         load_encoder(f"hf:{d}", layer=4)
     hf = load_encoder(f"hf:{d}", layer=-4)  # -4 of a 3-block tower is layer 0, the embeddings
     assert hf.layer == 0
+    x = _pixels(6, b=1, size=32)
+    with torch.no_grad():
+        assert torch.equal(_cat(hf.forward_tokens(x)), model(pixel_values=x, output_hidden_states=True).hidden_states[0])
     with pytest.raises(LayerError):
-        hf.forward_tokens(_pixels(6, b=1, size=32), layers=-5)
+        hf.forward_tokens(x, layers=-5)

@@ -110,7 +110,8 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
     """Load the vision tower a spec names, with its exact preprocessing and feature layer.
 
     ``layer`` overrides the default (what the MLLM's projector consumes, or the model's own final
-    tokens for plain encoders); ``with_projector=True`` makes ``forward_tokens`` return projected
+    tokens for plain encoders); random-init towers are seeded (0), so a spec always names the
+    same weights; ``with_projector=True`` makes ``forward_tokens`` return projected
     tokens. Source-specific options (``vision_config=DIR``, ``image_size=N``) pass through.
     """
     source, target, weights = parse_spec(spec)
@@ -120,5 +121,7 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
             raise SpecError(f"source {source.name!r} takes no option {name!r}")
     if weights is not None:
         weights = str(Path(weights).expanduser())
-    encoder = source.load(target, weights, spec=spec, layer=layer, with_projector=with_projector, **options)
+    with torch.random.fork_rng(devices=[]):  # random-init towers (timm:NAME) are the same on every load
+        torch.manual_seed(0)
+        encoder = source.load(target, weights, spec=spec, layer=layer, with_projector=with_projector, **options)
     return encoder.to(device=device, dtype=parse_dtype(dtype))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -158,7 +159,7 @@ def load_into(
     Returns the optional keys that were missing.
     """
     expected = module.state_dict()
-    state = _align(state, expected.keys())
+    state = _align(_renamed(state, module), expected.keys())
     missing = [k for k in expected if k not in state]
     required = [k for k in missing if not optional(k)]
     unexpected = [k for k in state if k not in expected]
@@ -172,6 +173,26 @@ def load_into(
                                   f"architecture {tuple(expected[k].shape)}")
     module.load_state_dict(state, strict=False)
     return [k for k in missing if optional(k)]
+
+
+def _renamed(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Apply transformers' own key renames for this class (published DINOv2 dirs still say
+    ``attention.attention.query`` where transformers 5 modules say ``attention.q_proj``)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return state
+    renames = [(src, tgt) for rule in get_checkpoint_conversion_mapping(type(module).__name__) or []
+               if type(rule).__name__ == "WeightRenaming"
+               for src, tgt in zip(rule.source_patterns, rule.target_patterns)]
+    if not renames:
+        return state
+    out = {}
+    for key, value in state.items():
+        for src, tgt in renames:
+            key = re.sub(src, tgt, key)
+        out[key] = value
+    return out
 
 
 def _align(state: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
-from .hf_tower import HFTower, HFTowerEncoder, build_tower, preprocess_from_dir
+from .hf_tower import HFTower, HFTowerEncoder, build_tower, load_config, preprocess_from_dir
 from .registry import read_config, register_source
 
 
@@ -48,14 +48,12 @@ def _projector_class(path: str):
 @register_source("hf-mllm", description="HF multimodal dirs: LlavaOnevision, LLaVA, LLaVA-NeXT, InternVL "
                  "(single-file or sharded; transformers 5 and 4.x key layouts)", detect=detect)
 def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False):
-    from transformers import AutoConfig
-
     path = Path(directory)
     raw = read_config(path)
     if "InternVLChatModel" in (raw.get("architectures") or []):
         raise CheckpointError(f"{path / 'config.json'}: original InternVL remote-code layout is not supported; "
                               "convert it with transformers' convert_internvl_weights_to_hf.py")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = load_config(path)
     family = FAMILIES[config.model_type]
     reader = CheckpointReader(path)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
-from .hf_tower import DUAL_TOWER, VISION_TYPES, HFTower, HFTowerEncoder, build_tower, preprocess_from_dir, vision_config_of
+from .hf_tower import DUAL_TOWER, VISION_TYPES, HFTower, HFTowerEncoder, build_tower, load_config, preprocess_from_dir, vision_config_of
 from .registry import read_config, register_source
 
 
@@ -18,8 +18,6 @@ def _is_hf_vision(config: dict) -> bool:
 @register_source("hf", description="transformers save_pretrained dir: CLIP, SigLIP, SigLIP2, DINOv2 "
                  "(vision-only or dual tower); also accepts HF MLLM dirs", detect=_is_hf_vision)
 def load_hf(directory: str, weights=None, *, spec: str, layer=None, with_projector=False):
-    from transformers import AutoConfig
-
     from . import hf_mllm, qwen2_vl
 
     path = Path(directory)
@@ -27,8 +25,8 @@ def load_hf(directory: str, weights=None, *, spec: str, layer=None, with_project
     for mllm in (hf_mllm, qwen2_vl):  # `hf:` takes the HF MLLM layouts too
         if mllm.detect(raw):
             return mllm.load(directory, weights, spec=spec, layer=layer, with_projector=with_projector)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    vcfg = vision_config_of(config)
+    config = load_config(path)
+    vcfg = vision_config_of(config, path)
     model = build_tower(vcfg)
     reader = CheckpointReader(path)
     prefix = reader.first_prefix(["vision_model.", "model.vision_model."]) or ""

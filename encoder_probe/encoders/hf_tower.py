@@ -23,13 +23,24 @@ VISION_TYPES = {"clip_vision_model", "siglip_vision_model", "siglip2_vision_mode
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def vision_config_of(config):
+def load_config(directory: Path):
+    """transformers' config for a local directory, or a one-line error naming it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{Path(directory) / 'config.json'}: not a config transformers can read "
+                              f"({' '.join(str(e).split())[:200]})") from None
+
+
+def vision_config_of(config, directory: Path):
     """The vision half of a dual-tower config, or the config itself."""
     if config.model_type in DUAL_TOWER:
         return config.vision_config
     if config.model_type not in VISION_TYPES:
-        raise CheckpointError(f"model_type {config.model_type!r} is not a supported vision tower "
-                              f"(supported: {', '.join(sorted(VISION_TYPES | set(DUAL_TOWER)))})")
+        raise CheckpointError(f"{Path(directory) / 'config.json'}: model_type {config.model_type!r} is not a "
+                              f"supported vision tower (supported: {', '.join(sorted(VISION_TYPES | set(DUAL_TOWER)))})")
     return config
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
-from .hf_tower import HFTower, HFTowerEncoder, build_tower, default_preprocess, preprocess_from_dir, vision_config_of
+from .hf_tower import HFTower, HFTowerEncoder, build_tower, default_preprocess, load_config, preprocess_from_dir, vision_config_of
 from .known_towers import lookup, vision_config as config_from_params
 from .registry import read_config, register_source
 
@@ -78,8 +78,7 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
 
     tower_id = config["mm_vision_tower"]
     if vision_config is not None:
-        from transformers import AutoConfig
-        vcfg = vision_config_of(AutoConfig.from_pretrained(vision_config, local_files_only=True))
+        vcfg = vision_config_of(load_config(Path(vision_config)), vision_config)
         preprocess, _ = preprocess_from_dir(Path(vision_config), vcfg)
         arch_from = f"--vision-config {vision_config}"
     elif (params := lookup(tower_id)) is not None:

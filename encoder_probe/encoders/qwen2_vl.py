@@ -16,6 +16,7 @@ import torch
 from ..errors import CheckpointError
 from .base import CLIP_MEAN, CLIP_STD, LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
+from .hf_tower import load_config
 from .registry import read_config, register_source
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -111,13 +112,12 @@ def _preprocess(path: Path, factor: int, image_size: int | None) -> tuple[Prepro
 @register_source("qwen2-vl", description="Qwen2-VL / Qwen2.5-VL dirs (visual tower + merger, dynamic "
                  "resolution at a fixed --image-size)", detect=detect)
 def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, image_size=None):
-    from transformers import AutoConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     path = Path(directory)
     read_config(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = load_config(path)
     cls = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel,
            "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel}[config.model_type]
     reader = CheckpointReader(path)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EncoderProbeError
+from .errors import EncoderProbeError, SpecError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 
@@ -81,7 +81,12 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from .runner import run_suite
 
-    data = dict(kv.split("=", 1) for kv in args.data) if args.data else None
+    data = None
+    if args.data:
+        malformed = [kv for kv in args.data if "=" not in kv or not kv.split("=", 1)[0]]
+        if malformed:
+            raise SpecError(f"--data {malformed[0]!r}: expected NAME=ROOT, e.g. imagenet=/data/imagenet")
+        data = dict(kv.split("=", 1) for kv in args.data)
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
                         seeds=args.seeds, **_load_options(args))
     failed = [(r["encoder"]["spec"], name) for r in results for name, p in r["probes"].items()

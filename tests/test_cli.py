@@ -70,6 +70,8 @@ def test_inspect_layer_override_and_projector(toy_dir, capsys):
     (["inspect", "timm:vit_tiny_patch16_224@"], "malformed spec"),
     (["inspect", "/definitely/not/here"], "no such directory"),
     (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "imagenet", "--out", "OUT"], "unknown probe"),
+    (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "x", "--data", "imagenet", "--out", "OUT"],
+     "expected NAME=ROOT"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]

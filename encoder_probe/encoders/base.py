@@ -111,6 +111,7 @@ class LayerInfo:
     available: int  # blocks present in the checkpoint (a truncated tower has fewer)
     has_final: bool = True  # whether the final norm is there for layer "final"
     note: str = ""
+    first: int = 0  # 1 where the source exposes block outputs but not the embedding output
 
 
 class VisionEncoder:
@@ -181,12 +182,12 @@ class VisionEncoder:
                 layer = int(layer)
             except ValueError:
                 raise LayerError(f"{self.spec}: layer must be an integer or 'final', got {layer!r}")
-        depth, available = self.layers.depth, self.layers.available
+        depth, available, first = self.layers.depth, self.layers.available, self.layers.first
         index = layer + depth + 1 if layer < 0 else layer
-        if not 0 <= index <= available:
+        if not first <= index <= available:
             removed = "" if available == depth else f" (blocks {available + 1}..{depth} were removed)"
             raise LayerError(f"{self.spec}: layer {layer} out of range; this tower has layers "
-                             f"0..{available} of {depth}{removed}")
+                             f"{first}..{available} of {depth}{removed}")
         return index
 
     def forward_tokens(self, pixels: torch.Tensor, layers: Layer | Sequence[Layer] | None = None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import LayerError, SpecError
+from ..errors import SpecError
 from .base import LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
 from .registry import register_source
@@ -29,8 +29,6 @@ class OpenClipEncoder(VisionEncoder):
         return getattr(self.module, "trunk", None)
 
     def _forward_layers(self, pixels, layers):
-        if any(layer == 0 for layer in layers):
-            raise LayerError(f"{self.spec}: open_clip exposes block outputs 1..{self.layers.depth}, not layer 0")
         if self.trunk is not None:
             return timm_tokens(self.trunk, pixels, layers)
         visual = self.module
@@ -90,7 +88,7 @@ def load(arch: str, weights=None, *, spec: str, layer=None, with_projector=False
     depth = len(visual.trunk.feature_info) if hasattr(visual, "trunk") else len(visual.transformer.resblocks)
     return OpenClipEncoder(
         clip_model=model, spec=spec, module=visual, preprocess=preprocess,
-        layers=LayerInfo("final", depth, depth, note="last block after the final norm"),
+        layers=LayerInfo("final", depth, depth, note="last block after the final norm", first=1),
         layer=layer, with_projector=with_projector,
         details={"architecture": f"open_clip {arch} ({type(visual).__name__})", "weights": weights or "random init"},
     )

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..errors import LayerError, SpecError
+from ..errors import SpecError
 from .base import LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
 from .registry import register_source
@@ -66,8 +66,6 @@ class TimmEncoder(VisionEncoder):
     source = "timm"
 
     def _forward_layers(self, pixels, layers):
-        if any(layer == 0 for layer in layers):
-            raise LayerError(f"{self.spec}: timm exposes stage outputs 1..{self.layers.depth}, not layer 0")
         return timm_tokens(self.module, pixels, layers)
 
     def _head(self, tokens):
@@ -95,7 +93,7 @@ def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False
     depth = len(model.feature_info)
     return TimmEncoder(
         spec=spec, module=model, preprocess=preprocess,
-        layers=LayerInfo("final", depth, depth, note="forward_features (after the final norm)"),
+        layers=LayerInfo("final", depth, depth, note="forward_features (after the final norm)", first=1),
         layer=layer, with_projector=with_projector,
         details={"architecture": f"timm {name}", "weights": weights or "random init"},
     )

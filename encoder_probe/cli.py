@@ -78,15 +78,45 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _parse_data(values) -> dict | None:
+    """--data NAME=ROOT (repeatable) -> {name: root}; None when not given (built-in demo data)."""
+    if not values:
+        return None
+    malformed = [kv for kv in values if "=" not in kv or not kv.split("=", 1)[0]]
+    if malformed:
+        raise SpecError(f"--data {malformed[0]!r}: expected NAME=ROOT, e.g. imagenet=/data/imagenet "
+                        "(ROOT 'demo' = the built-in data)")
+    return dict(kv.split("=", 1) for kv in values)
+
+
+def cmd_extract(args) -> int:
+    from .data import open_dataset
+    from .encoders import load_encoder
+    from .features import extract
+
+    data = _parse_data(args.data) or {"imagenet": "demo"}
+    if len(data) != 1:
+        raise SpecError("probe extract takes one --data NAME=ROOT")
+    (name, root), = data.items()
+    encoder = load_encoder(args.encoder, device=args.device, dtype=args.dtype, with_projector=args.with_projector, **_load_options(args))
+    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layer] if args.layer else None
+    for split in args.split.split(","):
+        subsample = {"per_class": args.per_class, "seed": args.seed} if args.per_class else {}
+        dataset = open_dataset(name, root, split, **subsample)
+        features = extract(encoder, dataset, out=args.out, layers=layers, pool=args.pool.split(","),
+                           tokens=args.tokens, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                           num_workers=args.workers, on_bad_image=args.on_bad_image)
+        if int(os.environ.get("RANK", "0")) == 0:
+            skipped = features.meta["skipped"]
+            print(f"{name}/{split}: {len(features)} images -> {features.path}"
+                  + (f" ({len(skipped)} unreadable skipped)" if skipped else ""))
+    return 0
+
+
 def cmd_run(args) -> int:
     from .runner import run_suite
 
-    data = None
-    if args.data:
-        malformed = [kv for kv in args.data if "=" not in kv or not kv.split("=", 1)[0]]
-        if malformed:
-            raise SpecError(f"--data {malformed[0]!r}: expected NAME=ROOT, e.g. imagenet=/data/imagenet")
-        data = dict(kv.split("=", 1) for kv in args.data)
+    data = _parse_data(args.data)
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
                         seeds=args.seeds, **_load_options(args))
     failed = [(r["encoder"]["spec"], name) for r in results for name, p in r["probes"].items()
@@ -147,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     loading(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("extract", help="extract features into the on-disk cache (torchrun shards it)")
+    p.add_argument("--encoder", required=True)
+    p.add_argument("--data", action="append", help="NAME=ROOT, NAME one of imagenet, ade20k; ROOT 'demo' or "
+                   "omitted = the built-in demo data")
+    p.add_argument("--split", default="train,val", help="comma-separated splits (default train,val)")
+    p.add_argument("--out", required=True, help="cache directory; entries are named by their key")
+    p.add_argument("--layer", action="append", help="layer(s) to keep (repeatable; default: the encoder's)")
+    p.add_argument("--pool", default="mean", help="comma-separated: cls, mean, cls+mean, head")
+    p.add_argument("--tokens", action="store_true", help="also keep patch and prefix tokens (float16)")
+    p.add_argument("--with-projector", action="store_true", help="features after the MLLM's projector")
+    p.add_argument("--per-class", type=int, help="keep K images per class (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-class draw")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, help="images per resumable chunk (default 1024, 256 with --tokens)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(4, cores-1))")
+    p.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
+                   help="an unreadable image fails the run (default) or is skipped and counted")
+    loading(p)
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("run", help="run a probe suite on one or more encoders")
     p.add_argument("--encoder", action="append", required=True)

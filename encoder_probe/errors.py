@@ -15,3 +15,7 @@ class CheckpointError(EncoderProbeError):
 
 class LayerError(EncoderProbeError):
     """A layer index the encoder does not have."""
+
+
+class DataError(EncoderProbeError):
+    """A dataset directory, image or mask that cannot be read as the layout promises."""

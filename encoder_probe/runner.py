@@ -1,32 +1,17 @@
 """Runs a suite of probes on encoders and writes one results.json per encoder, atomically."""
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .cache import atomic_write_json
 from .encoders import load_encoder
 from .probe import get_probe, resolve_suite
 
 SCHEMA_VERSION = 1
-
-
-def atomic_write_json(path: Path, data) -> None:
-    """Write via a temp file and rename, so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _env(encoder) -> dict:

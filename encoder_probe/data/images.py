@@ -1,0 +1,67 @@
+"""Reading images and label masks from disk, whatever their mode.
+
+Photos in the wild are grayscale, CMYK, palette, 16-bit or carry alpha; every one of them
+becomes 8-bit RGB the way torchvision's ImageFolder loader does (``convert("RGB")``), except
+16-bit images, which are scaled down rather than clipped. An unreadable or truncated file is
+reported as a ``BadSample`` value instead of an exception, so a DataLoader worker can hand it
+back to the main process, which applies the fail/skip policy with the file named.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample that could not be read; ``fatal`` ones fail whatever the skip policy says."""
+
+    index: int
+    path: str
+    reason: str
+    fatal: bool = False
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale -> 8-bit by scaling the full range, not clipping."""
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode fully (so truncation surfaces here, not later) and convert to RGB."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in _WIDE_MODES:
+            image = _to_8bit(image)
+        elif image.mode == "F":
+            image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+        return image.convert("RGB")
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A label map as (H, W) uint8 raw labels; palette PNGs keep their indices."""
+    with Image.open(path) as mask:
+        mask.load()
+        if mask.mode not in ("L", "P", "I;16", "I", "1"):
+            raise ValueError(f"mask mode {mask.mode} is not a single-channel label map")
+        array = np.asarray(mask)
+    if array.max(initial=0) > 255:
+        raise ValueError(f"mask label {int(array.max())} does not fit the 8-bit label range")
+    return array.astype(np.uint8)
+
+
+def read_errors():
+    """The exceptions that mean 'this file is not a readable image' (not a bug of ours)."""
+    return (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)

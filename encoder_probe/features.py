@@ -1,0 +1,375 @@
+"""Feature extraction: one frozen forward pass per image, streamed into an on-disk cache.
+
+Every probe that needs frozen features reads a ``FeatureSet``: pooled vectors (float32) for any
+number of layers and poolings, optionally the patch and prefix tokens (float16), the labels and,
+for dense data, the masks at the encoder's resolution, all as memory-mapped ``.npy`` arrays.
+
+The cache entry is named by a sha256 over everything that determines its bytes: the encoder's
+fingerprint (weights, preprocessing, layer choice), the dataset's content hash (every file's
+bytes), split and options, the transform, the layers, poolings, token flag and compute dtype.
+A change to any of them is a new entry; an entry is never rewritten in place.
+
+Work is cut into fixed chunks of whole batches. A finished chunk is a safetensors file written
+atomically into ``.KEY.partial/``; a rerun after a crash or ``kill -9`` skips the chunks already
+there and computes the rest with the same batches, so the merged entry is byte-identical to an
+uninterrupted run. Under ``torchrun`` rank r takes chunks r, r+W, ..., and rank 0 merges. Memory
+stays at one chunk whatever the dataset size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cache import atomic_dir, atomic_write_bytes, atomic_write_json, cache_root
+from .data.base import ImageDataset
+from .data.images import BadSample
+from .errors import DataError, SpecError
+
+FORMAT_VERSION = 1
+POOLS = ("cls", "mean", "cls+mean", "head")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+def _layer_tag(layer) -> str:
+    return f"L{layer}"
+
+
+class FeatureSet:
+    """A finished cache entry; arrays are memory-mapped, so opening one costs nothing."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise DataError(f"{self.path}: not a feature cache entry (no meta.json)")
+        self.meta = json.loads(meta_file.read_text())
+
+    def _array(self, name: str) -> np.ndarray:
+        file = self.path / f"{name}.npy"
+        if not file.is_file():
+            raise DataError(f"{file}: not in this feature set (it holds: "
+                            f"{', '.join(sorted(p.stem for p in self.path.glob('*.npy')))})")
+        return np.load(file, mmap_mode="r")
+
+    def _layer(self, layer):
+        layers = self.meta["key"]["layers"]
+        if layer is None:
+            return layers[0]
+        if layer not in layers:
+            raise DataError(f"{self.path}: layer {layer!r} was not extracted (layers: {layers})")
+        return layer
+
+    def pooled(self, how: str = "mean", layer=None) -> np.ndarray:
+        """(N, D) float32 pooled features."""
+        return self._array(f"pooled.{_layer_tag(self._layer(layer))}.{how}")
+
+    def tokens(self, layer=None) -> np.ndarray:
+        """(N, h*w, D) float16 patch tokens, row-major over ``grid``."""
+        return self._array(f"tokens.{_layer_tag(self._layer(layer))}")
+
+    def prefix(self, layer=None) -> np.ndarray:
+        """(N, P, D) float16 CLS/register tokens (P may be 0)."""
+        return self._array(f"prefix.{_layer_tag(self._layer(layer))}")
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self._array("labels")
+
+    @cached_property
+    def index(self) -> np.ndarray:
+        """Dataset index of every row (rows of skipped images are absent)."""
+        return self._array("index")
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) uint8 train ids at the encoder's input resolution, 255 = ignore."""
+        return self._array("masks")
+
+    @property
+    def key(self) -> str:
+        return self.meta["key_sha256"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.meta["grid"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["data"]["class_names"]
+
+    @property
+    def layers(self) -> list:
+        return self.meta["key"]["layers"]
+
+    def __len__(self) -> int:
+        return self.meta["n"]
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({str(self.path)!r}, n={len(self)}, layers={self.layers}, pool={self.meta['key']['pool']})"
+
+
+# -- keys ---------------------------------------------------------------------------------------
+def cache_key(encoder, dataset: ImageDataset, *, layers, pool, tokens: bool, memo_dir: Path | None) -> dict:
+    """Every part that decides the bytes of an entry (hashed into its name, kept in meta.json)."""
+    return {
+        "format": FORMAT_VERSION,
+        "encoder": encoder.fingerprint,
+        "data": {"name": dataset.name, "split": dataset.split, "options": dataset.options,
+                 "content": dataset.content_hash(memo_dir)},
+        "transform": {"preprocess": asdict(encoder.preprocess), "with_masks": dataset.has_masks},
+        "layers": list(layers),
+        "pool": list(pool),
+        "tokens": bool(tokens),
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+    }
+
+
+def _sha(data) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# -- distributed --------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    """(rank, world); joins the torchrun group (gloo: ranks only synchronise, data goes via files)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "MASTER_ADDR" in os.environ:
+        dist.init_process_group("gloo", timeout=timedelta(hours=4))
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _rank_device(device, world: int):
+    if device is not None and world > 1 and str(device) == "cuda":
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+# -- extraction ---------------------------------------------------------------------------------
+def _collate(items):
+    good = [x for x in items if not isinstance(x, BadSample)]
+    batch = {"bad": [x for x in items if isinstance(x, BadSample)],
+             "index": torch.tensor([x["index"] for x in good], dtype=torch.int64),
+             "label": torch.tensor([x["label"] for x in good], dtype=torch.int64)}
+    if good:
+        batch["pixels"] = torch.stack([x["pixels"] for x in good])
+        if "mask" in good[0]:
+            batch["mask"] = torch.stack([x["mask"] for x in good])
+    return batch
+
+
+def _chunk_name(c: int) -> str:
+    return f"chunk-{c:06d}.safetensors"
+
+
+class _Extraction:
+    """One (possibly resumed, possibly sharded) run that fills ``partial`` with chunk files."""
+
+    def __init__(self, encoder, dataset, key, partial: Path, plan: dict, on_bad_image: str):
+        self.encoder, self.dataset, self.key, self.partial = encoder, dataset, key, partial
+        self.batch_size, self.chunk_size = plan["batch_size"], plan["chunk_size"]
+        self.on_bad_image = on_bad_image
+        self.layers, self.pool, self.tokens = key["layers"], key["pool"], key["tokens"]
+        self.grid = None
+
+    def batches(self, chunks):
+        n = len(self.dataset)
+        out, owner = [], []
+        for c in chunks:
+            stop = min((c + 1) * self.chunk_size, n)
+            for start in range(c * self.chunk_size, stop, self.batch_size):
+                out.append(list(range(start, min(start + self.batch_size, stop))))
+                owner.append(c)
+        return out, owner
+
+    def forward(self, batch) -> dict[str, np.ndarray]:
+        arrays = {"index": batch["index"].numpy(), "labels": batch["label"].numpy()}
+        if "mask" in batch:
+            arrays["masks"] = batch["mask"].numpy()
+        if "pixels" not in batch:
+            return arrays
+        pixels = batch["pixels"].to(self.encoder.device, self.encoder.dtype, non_blocking=True)
+        with torch.inference_mode():
+            per_layer = self.encoder.forward_tokens(pixels, self.layers)
+            for layer, tokens in zip(self.layers, per_layer):
+                tag = _layer_tag(layer)
+                self.grid = tokens.grid
+                for how in self.pool:
+                    arrays[f"pooled.{tag}.{how}"] = self.encoder.pool(tokens, how).float().cpu().numpy()
+                if self.tokens:
+                    arrays[f"tokens.{tag}"] = tokens.patches.to(torch.float16).cpu().numpy()
+                    arrays[f"prefix.{tag}"] = tokens.prefix.to(torch.float16).cpu().numpy()
+        return arrays
+
+    def check_bad(self, bad: list[BadSample], skipped: list):
+        for b in bad:
+            if b.fatal or self.on_bad_image == "fail":
+                hint = "" if b.fatal else " (pass on_bad_image='skip' / --on-bad-image skip to skip and count)"
+                raise DataError(f"{b.path}: {b.reason}{hint}")
+            skipped.append({"index": b.index, "path": b.path, "reason": b.reason})
+
+    def write_chunk(self, c: int, parts: list[dict], skipped: list):
+        from safetensors.numpy import save
+        names = sorted({name for part in parts for name in part})
+        arrays = {name: np.ascontiguousarray(np.concatenate([p[name] for p in parts if name in p]))
+                  for name in names}
+        meta = {"skipped": json.dumps(skipped), "grid": json.dumps(self.grid)}
+        atomic_write_bytes(self.partial / _chunk_name(c), save(arrays, metadata=meta))
+
+    def run(self, chunks: list[int], *, num_workers: int, progress: bool, desc: str):
+        from tqdm.auto import tqdm
+        batches, owner = self.batches(chunks)
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+            pin_memory=self.encoder.device.type == "cuda")
+        remaining = {c: owner.count(c) for c in chunks}
+        parts: dict[int, list] = {}
+        skipped: dict[int, list] = {}
+        with tqdm(total=sum(len(b) for b in batches), desc=desc, unit="img", disable=not progress,
+                  file=sys.stderr) as bar:
+            for batch, c in zip(loader, owner):
+                self.check_bad(batch["bad"], skipped.setdefault(c, []))
+                parts.setdefault(c, []).append(self.forward(batch))
+                bar.update(len(batch["index"]) + len(batch["bad"]))
+                remaining[c] -= 1
+                if remaining[c] == 0:
+                    self.write_chunk(c, parts.pop(c), skipped.pop(c))
+
+
+def _merge(partial: Path, entry: Path, n_chunks: int, meta: dict) -> None:
+    """Concatenate chunk files into memory-mapped .npy arrays, one chunk in memory at a time."""
+    from safetensors import safe_open
+    files = [partial / _chunk_name(c) for c in range(n_chunks)]
+    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8}
+    shapes: dict[str, list] = {}
+    kinds: dict[str, type] = {}
+    skipped, grid = [], None
+    for file in files:
+        with safe_open(file, framework="np") as f:
+            header = f.metadata()
+            skipped += json.loads(header["skipped"])
+            grid = grid or json.loads(header["grid"])
+            for name in f.keys():
+                shapes.setdefault(name, []).append(f.get_slice(name).get_shape())
+                kinds[name] = dtypes[f.get_slice(name).get_dtype()]
+    with atomic_dir(entry) as tmp:
+        for name, chunk_shapes in sorted(shapes.items()):
+            shape = (sum(s[0] for s in chunk_shapes), *chunk_shapes[0][1:])
+            with open(tmp / f"{name}.npy", "wb") as out:  # plain writes: the page cache, not our RSS, holds it
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(kinds[name])),
+                                                           "fortran_order": False, "shape": shape})
+                for file in files:
+                    with safe_open(file, framework="np") as f:
+                        if name in f.keys():
+                            out.write(np.ascontiguousarray(f.get_tensor(name)).tobytes())
+        meta = {**meta, "n": int(sum(s[0] for s in shapes["index"])), "grid": grid,
+                "skipped": sorted(skipped, key=lambda s: s["index"])}
+        atomic_write_json(tmp / "meta.json", meta)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, layers=None,
+            pool: str | Sequence[str] = ("mean",), tokens: bool = False, batch_size: int = 64,
+            chunk_size: int | None = None, num_workers: int | None = None, device=None, dtype=None,
+            on_bad_image: str = "fail", progress: bool = True) -> FeatureSet:
+    """Extract (or reuse) features of ``dataset`` through ``encoder``; returns the cache entry.
+
+    layers: None (the encoder's default layer), one layer, or a list (one forward pass for all).
+    pool: any of cls | mean | cls+mean | head. tokens: also keep patch/prefix tokens (float16).
+    out: the cache directory (default ``cache_root()/features``).
+    on_bad_image: "fail" (default; the error names the file) or "skip" (skipped files are counted
+    in ``meta["skipped"]``). A mask that does not fit its image or has unknown labels always fails.
+    """
+    from .encoders import load_encoder
+    if isinstance(encoder, str):
+        encoder = load_encoder(encoder)
+    pool = [pool] if isinstance(pool, str) else list(pool)
+    bad_pool = [p for p in pool if p not in POOLS]
+    if bad_pool or not pool:
+        raise SpecError(f"unknown pooling {bad_pool or pool}; choose from {', '.join(POOLS)}")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise SpecError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+    if batch_size < 1:
+        raise SpecError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world = _distributed()
+    device = _rank_device(device, world)
+    encoder.fingerprint  # of the weights as loaded, before any cast (cached)
+    if device is not None or dtype is not None:
+        from .encoders.registry import parse_dtype
+        encoder.to(device=device, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    layers = [encoder.layer] if layers is None else [layers] if isinstance(layers, (int, str)) else list(layers)
+    layers = [encoder.resolve_layer(layer) for layer in layers]
+    out = Path(out) if out is not None else cache_root() / "features"
+    dataset.with_transform(encoder.preprocess)
+
+    memo = out / ".file-hashes"
+    if rank != 0:
+        _barrier(world)  # rank 0 hashes the files first; the others then hit its memo
+    key = cache_key(encoder, dataset, layers=layers, pool=pool, tokens=tokens, memo_dir=memo)
+    if rank == 0:
+        _barrier(world)
+    sha = _sha(key)
+    entry, partial = out / sha[:20], out / f".{sha[:20]}.partial"
+    if (entry / "meta.json").is_file():
+        found = FeatureSet(entry)
+        if found.key != sha:
+            raise DataError(f"{entry}: cache entry belongs to another key (hash prefix collision); remove it")
+        return found
+
+    n = len(dataset)
+    if chunk_size is None:
+        chunk_size = 256 if tokens else 1024
+    chunk_size = max(batch_size, math.ceil(chunk_size / batch_size) * batch_size)
+    plan = {"key_sha256": sha, "n": n, "batch_size": batch_size, "chunk_size": chunk_size}
+    plan_file = partial / "plan.json"
+    if rank == 0:
+        if plan_file.is_file() and json.loads(plan_file.read_text()).get("key_sha256") == sha:
+            plan = json.loads(plan_file.read_text())  # resume with the batches the first run used
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            atomic_write_json(plan_file, plan)
+    _barrier(world)
+    plan = json.loads(plan_file.read_text())
+    n_chunks = math.ceil(n / plan["chunk_size"])
+    done = {c for c in range(n_chunks) if (partial / _chunk_name(c)).is_file()}
+    mine = [c for c in range(n_chunks) if c % world == rank and c not in done]
+    if done and rank == 0 and progress:
+        print(f"resuming {entry.name}: {len(done)} of {n_chunks} chunks already done", file=sys.stderr)
+
+    job = _Extraction(encoder, dataset, key, partial, plan, on_bad_image)
+    workers = num_workers if num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+    desc = f"extract {dataset.name}/{dataset.split}" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    try:
+        job.run(mine, num_workers=workers, progress=progress, desc=desc)
+    except DataError:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    _barrier(world)
+    if rank == 0:
+        meta = {"key_sha256": sha, "key": key, "encoder": {"spec": encoder.spec, "source": encoder.source},
+                "data": {**dataset.describe(), "class_names": dataset.class_names},
+                "plan": {k: plan[k] for k in ("batch_size", "chunk_size")}}
+        _merge(partial, entry, n_chunks, meta)
+    _barrier(world)
+    return FeatureSet(entry)

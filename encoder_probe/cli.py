@@ -39,6 +39,10 @@ def cmd_list(args) -> int:
     for hub_id, cfg in KNOWN_TOWERS.items():
         print(f"  {hub_id:<42} {cfg['model_type'].split('_')[0]:<7} {cfg['num_hidden_layers']} blocks, "
               f"D={cfg['hidden_size']}, patch {cfg['patch_size']}, {cfg['image_size']}px")
+    from .data import DATASETS
+    print("\nDatasets (--data NAME=ROOT; ROOT 'demo' or no --data = the built-in demo data):")
+    for name, cls in DATASETS.items():
+        print(f"  {name:<10} {cls.__doc__.strip().splitlines()[0]}")
     probes = available_probes()
     print("\nProbes (entry point group encoder_probe.probes):")
     for name, where in probes.items():
@@ -153,6 +157,18 @@ def cmd_demo(args) -> int:
               f"{str(tuple(tokens.prefix.shape)):<14} {tokens.grid[0]}x{tokens.grid[1]:<4} "
               f"{tuple(projected) if projected != '-' else '-'}")
     print(f"\ntoy checkpoints in {root}; inspect one with: probe inspect {specs[1]}")
+
+    from .data import open_dataset
+    from .data.demo import demo_data
+    from .features import extract
+    print(f"\nbuilt-in demo data: {demo_data()}")
+    encoder = load_encoder(specs[0])
+    for name, split, tokens in (("imagenet", "train", False), ("imagenet", "val", False), ("ade20k", "val", True)):
+        features = extract(encoder, open_dataset(name, "demo", split), out=root / "features", tokens=tokens,
+                           pool=["cls", "mean"], batch_size=32)
+        extra = f", tokens {features.tokens().shape}, masks {features.masks.shape}" if tokens else ""
+        print(f"  {name}/{split}: {len(features)} images, {features.meta['data']['num_classes']} classes, "
+              f"pooled {features.pooled('cls').shape}{extra} -> {features.path}")
     return 0
 
 
@@ -192,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class draw")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, help="images per resumable chunk (default 1024, 256 with --tokens)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(4, cores-1))")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
     p.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
                    help="an unreadable image fails the run (default) or is skipped and counted")
     loading(p)

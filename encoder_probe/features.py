@@ -66,6 +66,8 @@ class FeatureSet:
         layers = self.meta["key"]["layers"]
         if layer is None:
             return layers[0]
+        if isinstance(layer, int) and layer < 0:  # counted from the end of the full tower, as at extraction
+            layer += self.meta["depth"] + 1
         if layer not in layers:
             raise DataError(f"{self.path}: layer {layer!r} was not extracted (layers: {layers})")
         return layer
@@ -289,6 +291,11 @@ def _merge(partial: Path, entry: Path, n_chunks: int, meta: dict) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 
+def default_workers() -> int:
+    """One loader process per core up to 8: decoding must keep ahead of the forward even in bursts."""
+    return min(8, os.cpu_count() or 1)
+
+
 def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, layers=None,
             pool: str | Sequence[str] = ("mean",), tokens: bool = False, batch_size: int = 64,
             chunk_size: int | None = None, num_workers: int | None = None, device=None, dtype=None,
@@ -320,6 +327,9 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
         encoder.to(device=device, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     layers = [encoder.layer] if layers is None else [layers] if isinstance(layers, (int, str)) else list(layers)
     layers = [encoder.resolve_layer(layer) for layer in layers]
+    if "head" in pool and layers != ["final"]:
+        raise SpecError(f"pool 'head' is the model's own head on its final tokens: needs layers=['final'], "
+                        f"got {layers}")
     out = Path(out) if out is not None else cache_root() / "features"
     dataset.with_transform(encoder.preprocess)
 
@@ -358,18 +368,19 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
         print(f"resuming {entry.name}: {len(done)} of {n_chunks} chunks already done", file=sys.stderr)
 
     job = _Extraction(encoder, dataset, key, partial, plan, on_bad_image)
-    workers = num_workers if num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+    workers = num_workers if num_workers is not None else default_workers()
     desc = f"extract {dataset.name}/{dataset.split}" + (f" [rank {rank}/{world}]" if world > 1 else "")
     try:
         job.run(mine, num_workers=workers, progress=progress, desc=desc)
-    except DataError:
-        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+    except BaseException as e:  # bad data, or nothing done yet: leave no trace; else keep chunks to resume
+        if isinstance(e, DataError) or not any(partial.glob("chunk-*")):
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     _barrier(world)
     if rank == 0:
         meta = {"key_sha256": sha, "key": key, "encoder": {"spec": encoder.spec, "source": encoder.source},
                 "data": {**dataset.describe(), "class_names": dataset.class_names},
-                "plan": {k: plan[k] for k in ("batch_size", "chunk_size")}}
+                "depth": encoder.layers.depth, "plan": {k: plan[k] for k in ("batch_size", "chunk_size")}}
         _merge(partial, entry, n_chunks, meta)
     _barrier(world)
     return FeatureSet(entry)

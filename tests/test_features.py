@@ -51,6 +51,7 @@ def test_features_equal_the_encoders_own_forward(tmp_path, encoder):
     assert len(fs) == 9 and fs.grid == final.grid and fs.class_names == ["cat", "dog", "fish"]
     np.testing.assert_allclose(fs.pooled("cls", "final"), final.prefix[:, 0].numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fs.pooled("mean", 2), mid.patches.mean(1).numpy(), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(fs.pooled("mean", 2 - encoder.layers.depth - 1), fs.pooled("mean", 2))  # negative index
     assert fs.tokens(2).dtype == np.float16 and fs.tokens(2).shape == tuple(mid.patches.shape)
     np.testing.assert_array_equal(fs.tokens("final"), final.patches.half().numpy())
     np.testing.assert_array_equal(fs.prefix("final"), final.prefix.half().numpy())
@@ -174,3 +175,13 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     [a], [b] = _entries(tmp_path / "one"), _entries(tmp_path / "two")
     assert a.name == b.name and _files(a) == _files(b)
     assert FeatureSet(b).index.tolist() == list(range(15))
+
+
+def test_cli_extract_defaults_to_the_builtin_demo_data(tmp_path, cache_env):
+    proc = _probe("extract", "--encoder", ENCODER, "--split", "val", "--pool", "cls,mean", "--out", str(tmp_path / "f"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.startswith("imagenet/val: 60 images -> ")
+    fs = FeatureSet(out.split(" -> ")[1].strip())
+    assert fs.meta["data"]["root"].startswith(str(cache_env)) and fs.class_names[0] == "circle"
+    assert np.bincount(fs.labels).tolist() == [10] * 6 and fs.pooled("cls").shape == (60, 64)

@@ -31,6 +31,8 @@ def read_object_info(path: Path) -> list[str]:
 
 
 class ADE20K(ImageDataset):
+    """ADE20K ADEChallengeData2016: images/{training,validation}/*.jpg + annotations/*.png, 150 classes."""
+
     name = "ade20k"
 
     def __init__(self, root: str | Path, split: str = "train"):

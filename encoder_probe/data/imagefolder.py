@@ -28,7 +28,10 @@ def read_synset_map(path: Path) -> dict[str, str]:
 
 
 class ImageFolder(ImageDataset):
-    """One split of an ImageNet-layout tree; ``per_class`` keeps a seeded subset of every class."""
+    """ImageNet layout (torchvision ImageFolder): ROOT/{train,val}/<class>/<image>.
+
+    ``per_class`` keeps a seeded subset of every class.
+    """
 
     name = "imagenet"
 

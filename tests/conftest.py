@@ -9,6 +9,12 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """No test reads or writes the user's ~/.cache (demo data, features) unless it asks to."""
+    os.environ["ENCODER_PROBE_CACHE"] = str(tmp_path_factory.mktemp("encoder-probe-cache"))
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """Session-wide tiny checkpoints, each written once."""

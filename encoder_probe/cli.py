@@ -40,9 +40,9 @@ def cmd_list(args) -> int:
         print(f"  {hub_id:<42} {cfg['model_type'].split('_')[0]:<7} {cfg['num_hidden_layers']} blocks, "
               f"D={cfg['hidden_size']}, patch {cfg['patch_size']}, {cfg['image_size']}px")
     from .data import DATASETS
-    print("\nDatasets (--data NAME=ROOT; ROOT 'demo' or no --data = the built-in demo data):")
+    print("\nDatasets (--data NAME=ROOT; no ROOT, ROOT 'demo' or no --data = the built-in data):")
     for name, cls in DATASETS.items():
-        print(f"  {name:<10} {cls.__doc__.strip().splitlines()[0]}")
+        print(f"  {name:<14} {cls.__doc__.strip().splitlines()[0]}")
     probes = available_probes()
     print("\nProbes (entry point group encoder_probe.probes):")
     for name, where in probes.items():
@@ -169,6 +169,9 @@ def cmd_demo(args) -> int:
         extra = f", tokens {features.tokens().shape}, masks {features.masks.shape}" if tokens else ""
         print(f"  {name}/{split}: {len(features)} images, {features.meta['data']['num_classes']} classes, "
               f"pooled {features.pooled('cls').shape}{extra} -> {features.path}")
+
+    from . import walkthrough
+    walkthrough.run(root / "features")
     return 0
 
 

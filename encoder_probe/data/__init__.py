@@ -13,18 +13,23 @@ from ..errors import DataError
 from .ade20k import ADE20K
 from .base import IGNORE_INDEX, ImageDataset, Sample
 from .imagefolder import ImageFolder
+from .real import FashionMNIST, LFWFaces, MNIST5k, RealMasks
 
-DATASETS = {"imagenet": ImageFolder, "ade20k": ADE20K}
-DEMO_LAYOUT = {"imagenet": "imagenet", "ade20k": "ade20k"}
+DATASETS = {"imagenet": ImageFolder, "ade20k": ADE20K, "fashion-mnist": FashionMNIST, "mnist-5k": MNIST5k,
+            "lfw-faces": LFWFaces, "real-masks": RealMasks}
+DEMO_LAYOUT = {"imagenet": "imagenet", "ade20k": "ade20k"}  # the layouts the built-in demo data is written in
 
 
-def demo_root(name: str) -> Path:
-    from .demo import demo_data
-    return demo_data() / DEMO_LAYOUT[name]
+def default_root(name: str) -> Path:
+    """Where dataset ``name`` lives when no root is given: the demo data, or the installed asset."""
+    if name in DEMO_LAYOUT:
+        from .demo import demo_data
+        return demo_data() / DEMO_LAYOUT[name]
+    return DATASETS[name].default_root()
 
 
 def open_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> ImageDataset:
-    """A split of dataset ``name`` (imagenet | ade20k) at ``root``; None or "demo" = built-in data."""
+    """A split of dataset ``name`` at ``root``; None (or "demo") = the built-in demo data / installed asset."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     cls = DATASETS[name]
@@ -34,8 +39,9 @@ def open_dataset(name: str, root: str | Path | None = None, split: str = "train"
         raise DataError(f"dataset {name!r} takes no option {', '.join(sorted(unknown))}")
     options = {k: v for k, v in options.items() if k in accepted}
     if root is None or str(root) == "demo":
-        root = demo_root(name)
+        root = default_root(name)
     return cls(root, split, **options)
 
 
-__all__ = ["ADE20K", "DATASETS", "IGNORE_INDEX", "ImageDataset", "ImageFolder", "Sample", "open_dataset"]
+__all__ = ["ADE20K", "DATASETS", "IGNORE_INDEX", "FashionMNIST", "ImageDataset", "ImageFolder", "LFWFaces", "MNIST5k",
+           "RealMasks", "Sample", "default_root", "open_dataset"]

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import DataError
-from .base import IGNORE_INDEX, ImageDataset, Sample, list_images, require_dir
+from .base import ImageDataset, Sample, list_images, require_dir
 
 RELEASE_DIR = "ADEChallengeData2016"
 SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
@@ -55,12 +53,3 @@ class ADE20K(ImageDataset):
         info = root / "objectInfo150.txt"
         names = read_object_info(info) if info.is_file() else [f"class_{i}" for i in range(1, NUM_CLASSES + 1)]
         super().__init__(root, "train" if folder == "training" else "val", samples, names)
-        self._lut = np.full(256, -1, dtype=np.int16)  # raw label -> train id; -1 = not a label
-        self._lut[0] = IGNORE_INDEX
-        self._lut[1:len(names) + 1] = np.arange(len(names))
-
-    def map_labels(self, raw: np.ndarray) -> np.ndarray:
-        mapped = self._lut[raw]
-        if (mapped < 0).any():
-            raise ValueError(f"mask has label {int(raw[mapped < 0].max())}; labels must be 0..{self.num_classes}")
-        return mapped.astype(np.uint8)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..cache import atomic_write_json
 from ..errors import DataError
@@ -27,6 +29,7 @@ class Sample:
     path: Path
     label: int = -1  # class index, -1 when the data has no class labels
     mask: Path | None = None
+    item: int | None = None  # row in an array file, for datasets stored as arrays
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -66,10 +69,18 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read_image(self, sample: Sample) -> Image.Image:
+        """The sample's image as RGB; raises one of ``read_errors()`` if it cannot be read."""
+        return load_rgb(sample.path)
+
+    def read_mask(self, sample: Sample) -> np.ndarray:
+        """The sample's raw label map (H, W) uint8."""
+        return load_mask(sample.mask)
+
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path)
+            image = self.read_image(sample)
         except read_errors() as e:
             return BadSample(index, str(sample.path), f"unreadable image ({type(e).__name__}: {e})")
         if self._transform is None:
@@ -77,7 +88,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if sample.mask is None:
             return {"index": index, "pixels": self._transform(image), "label": sample.label}
         try:
-            raw = load_mask(sample.mask)
+            raw = self.read_mask(sample)
         except read_errors() as e:
             return BadSample(index, str(sample.mask), f"unreadable mask ({e})", fatal=True)
         if raw.shape != (image.height, image.width):
@@ -91,12 +102,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"index": index, "pixels": pixels, "label": sample.label, "mask": mask}
 
     def map_labels(self, raw: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """ADE20K convention: raw 0 ("other") -> ignore 255, raw 1..num_classes -> 0..num_classes-1."""
+        if raw.max(initial=0) > self.num_classes:
+            raise ValueError(f"mask has label {int(raw.max())}; labels must be 0..{self.num_classes}")
+        mapped = raw.astype(np.int16) - 1
+        mapped[raw == 0] = IGNORE_INDEX
+        return mapped.astype(np.uint8)
 
     # -- identity ------------------------------------------------------------------------------
-    def files(self) -> list[Path]:
-        return [p for s in self.samples for p in (s.path, s.mask) if p is not None]
-
     def content_hash(self, memo_dir: Path | None = None) -> str:
         """sha256 over every file's relative path, label and bytes.
 
@@ -117,7 +130,7 @@ class ImageDataset(torch.utils.data.Dataset):
             for path in (sample.path, sample.mask):
                 if path is None:
                     continue
-                rel = str(path.relative_to(self.root))
+                rel = os.path.relpath(path, self.root)
                 try:
                     st = path.stat()
                 except OSError as e:
@@ -128,7 +141,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     known = stamp + [_file_digest(path)]
                     memo[rel] = known
                     updated = True
-                h.update(f"{rel}\0{sample.label}\0{known[3]}\n".encode())
+                h.update(f"{rel}\0{sample.item}\0{sample.label}\0{known[3]}\n".encode())
         if updated and memo_path is not None:
             atomic_write_json(memo_path, memo)
         return h.hexdigest()
@@ -165,6 +178,11 @@ def require_dir(path: Path, what: str) -> Path:
 def list_images(directory: Path) -> list[Path]:
     from .images import is_image_file
     return sorted(p for p in directory.iterdir() if p.is_file() and is_image_file(p))
+
+
+def subsample_options(per_class: int | None, seed: int) -> dict:
+    """The options a per-class subsample adds to a dataset's cache key (none when not subsampled)."""
+    return {"per_class": per_class, "seed": seed} if per_class is not None else {}
 
 
 def subsample_per_class(samples: list[Sample], per_class: int | None, seed: int) -> list[Sample]:

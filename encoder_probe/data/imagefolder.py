@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .base import ImageDataset, Sample, list_images, require_dir, subsample_per_class
+from .base import ImageDataset, Sample, list_images, require_dir, subsample_options, subsample_per_class
 
 SYNSET_MAP = "LOC_synset_mapping.txt"
 
@@ -50,6 +50,6 @@ class ImageFolder(ImageDataset):
         synsets = root / SYNSET_MAP
         names = read_synset_map(synsets) if synsets.is_file() else {}
         class_names = [names.get(d.name, d.name) for d in class_dirs]
-        options = {"per_class": per_class, "seed": seed} if per_class is not None else {}
-        super().__init__(root, split, subsample_per_class(samples, per_class, seed), class_names, options=options)
+        super().__init__(root, split, subsample_per_class(samples, per_class, seed), class_names,
+                         options=subsample_options(per_class, seed))
         self.wnids = [d.name for d in class_dirs]

@@ -39,15 +39,19 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _WIDE_MODES:
+        image = _to_8bit(image)
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode fully (so truncation surfaces here, not later) and convert to RGB."""
     with Image.open(path) as image:
         image.load()
-        if image.mode in _WIDE_MODES:
-            image = _to_8bit(image)
-        elif image.mode == "F":
-            image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def load_mask(path: str | Path) -> np.ndarray:

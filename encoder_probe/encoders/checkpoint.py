@@ -122,7 +122,8 @@ def _load_file(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: anything but plain tensors and containers is refused."""
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        import zipfile  # mmap needs the zip format; legacy (torch < 1.6) files are read whole
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{file}: refused to unpickle: not a plain weights file "
                               f"(it asks to run code: {_one_line(e)[:160]})") from None

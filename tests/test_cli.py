@@ -70,8 +70,12 @@ def test_inspect_layer_override_and_projector(toy_dir, capsys):
     (["inspect", "timm:vit_tiny_patch16_224@"], "malformed spec"),
     (["inspect", "/definitely/not/here"], "no such directory"),
     (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "imagenet", "--out", "OUT"], "unknown probe"),
-    (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "x", "--data", "imagenet", "--out", "OUT"],
-     "expected NAME=ROOT"),
+    (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "x", "--data", "=/data", "--out", "OUT"],
+     "expected NAME[=ROOT]"),
+    (["extract", "--encoder", "timm:test_vit", "--data", "imagenet1k=/data", "--out", "OUT"],
+     "unknown dataset 'imagenet1k'"),
+    (["extract", "--encoder", "timm:test_vit", "--data", "mnist-5k", "--split", "test", "--out", "OUT"],
+     "split must be train or val"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]

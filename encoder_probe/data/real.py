@@ -64,6 +64,13 @@ def _split_rows(labels: np.ndarray, split: str, train_per_class: int, name: str)
     return np.flatnonzero(keep)
 
 
+def _require_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (expected {what}; leave ROOT out to use the installed asset)")
+    return path
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -113,7 +120,7 @@ class MNIST5k(ArrayDataset):
         return asset_path("mnist-5k")
 
     def __init__(self, root: str | Path, split: str = "train", *, per_class: int | None = None, seed: int = 0):
-        path = Path(root)
+        path = _require_file(root, "mnist_5k.csv.gz")
         try:
             with gzip.open(path, "rt") as f:
                 table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
@@ -137,9 +144,12 @@ class LFWFaces(ArrayDataset):
         return asset_path("lfw-subset")
 
     def __init__(self, root: str | Path, split: str = "train", *, per_class: int | None = None, seed: int = 0):
-        path = Path(root)
-        data = np.load(path)
-        if data.shape[0] != 200:
+        path = _require_file(root, "lfw_subset.npy")
+        try:
+            data = np.load(path)  # allow_pickle stays False: arrays only
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable .npy file ({e})") from None
+        if data.ndim != 3 or data.shape[0] != 200:
             raise DataError(f"{path}: expected 200 images (100 faces, then 100 non-faces), got {data.shape[0]}")
         labels = np.repeat([0, 1], 100)
         rows = _split_rows(labels, split, 80, self.name)

@@ -127,8 +127,10 @@ def cmd_run(args) -> int:
     from .runner import run_suite
 
     data = _parse_data(args.data)
+    options = {"per_class": args.per_class, "solver": args.solver, "pool": args.pool}
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
-                        seeds=args.seeds, **_load_options(args))
+                        seeds=args.seeds, options={k: v for k, v in options.items() if v is not None},
+                        **_load_options(args))
     failed = [(r["encoder"]["spec"], name) for r in results for name, p in r["probes"].items()
               if p["status"] != "ok"]
     for spec, name in failed:
@@ -228,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, help="comma-separated probe names, e.g. imagenet,seg,gradcam")
     p.add_argument("--data", action="append", help="NAME[=ROOT], repeatable")
     p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1, help="rerun split and fit with N seeds: mean and 95%% CI")
+    p.add_argument("--per-class", type=int, help="K train/val images per class (few-shot subsets)")
+    p.add_argument("--solver", choices=["torch", "sklearn"], help="linear probe solver (sklearn = the CLIP recipe)")
+    p.add_argument("--pool", help="pooling of the classification probes: cls, mean, cls+mean, head")
     loading(p)
     p.set_defaults(func=cmd_run)
 

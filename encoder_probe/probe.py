@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+import numpy as np
+
 from .errors import SpecError
 
 _IN_PROCESS: dict[str, object] = {}
@@ -43,3 +45,50 @@ def resolve_suite(suite: str | list[str]) -> list[str]:
         listed = ", ".join(available) or "none installed yet"
         raise SpecError(f"unknown probe(s) {', '.join(unknown)} (available: {listed})")
     return names
+
+
+# -- what probes share -------------------------------------------------------------------------
+def summarize(values, higher_is_better: bool = True) -> dict:
+    """Mean over seeds with a 95% t-interval (none for a single seed), and the raw values."""
+    from scipy import stats
+    values = [float(v) for v in values]
+    out = {"value": float(np.mean(values)), "values": values, "higher_is_better": higher_is_better}
+    if len(values) > 1:
+        half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+        out["ci95"] = [out["value"] - half, out["value"] + half]
+    return out
+
+
+def config_hash(config: dict) -> str:
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def classification_features(encoder, data: dict | None, *, layers, pool, per_class, batch_size, cache=None,
+                            progress=True):
+    """Train and val FeatureSets of the classification data a suite runs on (default: the demo data)."""
+    from .data import open_dataset
+    from .features import extract
+    name, root = "imagenet", None
+    if data:
+        labelled = [k for k in data if k != "ade20k"]
+        if labelled:
+            name, root = labelled[0], data[labelled[0]]
+    options = {"per_class": per_class} if per_class else {}
+    train = open_dataset(name, root, "train", **options)
+    if hasattr(train, "wnids"):  # an ImageFolder: val labels follow train's class list, by name
+        options["classes"] = train.wnids
+    val = open_dataset(name, root, "val", **options)
+    return tuple(extract(encoder, dataset, out=cache, layers=layers, pool=pool, batch_size=batch_size,
+                         progress=progress) for dataset in (train, val))
+
+
+def checked_features(features, pool: str, layers) -> np.ndarray:
+    """Pooled features of ``layers`` side by side (float32, in memory); NaN/inf is a one-line error."""
+    from .errors import DataError
+    x = np.concatenate([np.asarray(features.pooled(pool, layer), dtype=np.float32) for layer in layers], axis=1)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(1).sum())
+        raise DataError(f"{features.path}: {bad} of {len(x)} feature rows contain NaN or inf")
+    return x

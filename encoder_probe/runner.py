@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .cache import atomic_write_json
 from .encoders import load_encoder
+from .errors import EncoderProbeError
 from .probe import get_probe, resolve_suite
 
 SCHEMA_VERSION = 1
@@ -22,8 +23,12 @@ def _env(encoder) -> dict:
 
 
 def run_suite(encoders: list[str], suite, out: str | Path, *, device=None, dtype=None, data=None,
-              seeds: int = 1, **load_options) -> list[dict]:
-    """Run every probe of ``suite`` on each encoder spec; a failing probe is recorded, the rest still run."""
+              seeds: int = 1, options: dict | None = None, cache=None, **load_options) -> list[dict]:
+    """Run every probe of ``suite`` on each encoder spec; a failing probe is recorded, the rest still run.
+
+    ``options`` (per_class, solver, pool, ...) go to every probe, which takes the ones it knows;
+    extracted features are cached in ``cache`` (default: the user cache), so reruns are cheap.
+    """
     names = resolve_suite(suite)
     out = Path(out)
     results = []
@@ -36,9 +41,12 @@ def run_suite(encoders: list[str], suite, out: str | Path, *, device=None, dtype
         for name in names:
             start = time.perf_counter()
             try:
-                result = get_probe(name).run(encoder, data, {"seeds": seeds}, {"out": out})
+                result = get_probe(name).run(encoder, data, {"seeds": seeds, "device": device, **(options or {})},
+                                             {"out": out, "cache": cache})
                 record["probes"][name] = {"status": "ok", **dict(result)}
-            except Exception as e:  # recorded, not fatal: the other probes still run
+            except EncoderProbeError:
+                raise  # bad input (data, spec): one line, exit 2, no results.json for this encoder
+            except Exception as e:  # a probe's own failure is recorded; the other probes still run
                 record["probes"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                           "traceback": traceback.format_exc(limit=5)}
             record["probes"][name]["wall_s"] = round(time.perf_counter() - start, 3)

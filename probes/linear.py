@@ -1,0 +1,185 @@
+"""`imagenet` (alias `linear`): multinomial logistic regression on frozen pooled features.
+
+Protocol (leak-free): the regularisation C is chosen on a seeded, stratified 10% of the *train*
+split (fit on the other 90%, warm-started along the C path); the winner is refit on the whole
+train split and scored once on val. Features are standardised (or L2-normalised) with
+statistics of the rows being fit, never of held-out or val rows. ``seeds > 1`` reruns split and
+fit per seed; metrics are mean and 95% CI. ``solver="sklearn"`` runs the CLIP recipe
+(sklearn LogisticRegression, lbfgs, max_iter 1000) on the same grid, for parity checks.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from encoder_probe.errors import DataError, SpecError
+from encoder_probe.logreg import LogisticRegression, fit_path
+from encoder_probe.probe import checked_features, classification_features, config_hash, summarize
+
+NORMALIZE = ("standardize", "l2")
+SOLVERS = ("torch", "sklearn")
+
+
+@dataclass
+class LinearConfig:
+    pool: str = "mean"
+    last_layers: int = 1  # > 1: concatenate the last K blocks' pooled features (DINOv2)
+    normalize: str = "standardize"
+    Cs: list = field(default_factory=lambda: np.logspace(-3, 3, 13).tolist())
+    holdout: float = 0.1
+    seeds: int = 1
+    solver: str = "torch"
+    per_class: int | None = None
+    batch_size: int = 64
+    max_iter: int = 1000
+    sweep_tol: float = 1e-5  # gradient tolerance of the C sweep (only a held-out argmax depends on it)
+    tol: float = 1e-6  # of the final refit
+    device: str | None = None
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "LinearConfig":
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in (options or {}).items() if k in known and v is not None})
+        if config.normalize not in NORMALIZE:
+            raise SpecError(f"linear probe: normalize must be one of {NORMALIZE}, got {config.normalize!r}")
+        if config.solver not in SOLVERS:
+            raise SpecError(f"linear probe: solver must be one of {SOLVERS}, got {config.solver!r}")
+        if not 0 < config.holdout < 1 or config.seeds < 1 or config.last_layers < 1 or not config.Cs:
+            raise SpecError("linear probe: need 0 < holdout < 1, seeds >= 1, last_layers >= 1 and a non-empty Cs")
+        return config
+
+
+def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (fit, held out): ``fraction`` of every class (at least one, if it has two)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        n = int(round(fraction * len(rows))) if len(rows) > 1 else 0
+        held += rng.choice(rows, max(n, 1 if len(rows) > 1 else 0), replace=False).tolist()
+    held = np.sort(np.asarray(held, dtype=int))
+    return np.setdiff1d(np.arange(len(y)), held), held
+
+
+class Normalizer:
+    """Standardise or L2-normalise with statistics of the rows it was fit on."""
+
+    def __init__(self, how: str, x: np.ndarray):
+        self.how = how
+        if how == "standardize":
+            self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.how == "standardize":
+            return (x - self.mean) / self.std
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def check_labels(y: np.ndarray, yv: np.ndarray, where: str) -> None:
+    classes = np.unique(y)
+    if len(y) == 0 or len(yv) == 0:
+        raise DataError(f"{where}: empty split (train {len(y)}, val {len(yv)} rows)")
+    if len(classes) < 2:
+        raise DataError(f"{where}: the train split has only one class ({classes[0]}); a classifier needs two")
+    missing = np.setdiff1d(np.unique(yv), classes)
+    if len(missing):
+        raise DataError(f"{where}: val has classes absent from train: {missing[:10].tolist()}")
+
+
+def topk(scores: np.ndarray, y: np.ndarray, k: int) -> float:
+    k = min(k, scores.shape[1])
+    return float((np.argsort(-scores, axis=1)[:, :k] == y[:, None]).any(1).mean())
+
+
+def mean_per_class_recall(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
+def fits_on_device(x: np.ndarray, device) -> bool:
+    """Full-batch L-BFGS needs the features (and as much again for the work) on the device."""
+    import torch
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return 3 * x.nbytes < free
+    return 3 * x.nbytes < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _fit(x, y, Cs, config, n_classes, init=None):
+    """Models for each C (ascending): torch path with warm starts, or sklearn's CLIP recipe."""
+    if config.solver == "sklearn":
+        from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+        return [_SkModel(SkLogisticRegression(C=C, max_iter=config.max_iter).fit(x, y), n_classes) for C in sorted(Cs)]
+    batch = None if fits_on_device(x, config.device) else 4096  # else mini-batch Adam
+    if init is not None:
+        return [LogisticRegression(C=Cs[0], max_iter=config.max_iter, tol=config.tol, device=config.device,
+                                   n_classes=n_classes, batch_size=batch).fit(x, y, init=init)]
+    return fit_path(x, y, Cs, max_iter=config.max_iter, tol=config.sweep_tol, device=config.device,
+                    n_classes=n_classes, batch_size=batch)
+
+
+class _SkModel:
+    """sklearn's model with scores over all ``n_classes`` columns (absent classes score -inf)."""
+
+    def __init__(self, model, n_classes):
+        self.model, self.n_classes = model, n_classes
+
+    def decision_function(self, x):
+        scores = np.full((len(x), self.n_classes), -np.inf)
+        scores[:, self.model.classes_] = self.model.decision_function(x)
+        return scores
+
+
+def _scores(model, x) -> np.ndarray:
+    scores = model.decision_function(x)
+    return scores.cpu().numpy() if hasattr(scores, "cpu") else np.asarray(scores)
+
+
+def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, config: LinearConfig,
+                 seed: int, n_classes: int) -> dict:
+    """Sweep C on a held-out part of train, refit on all of train, score once on val."""
+    fit_rows, held_rows = stratified_holdout(y, config.holdout, seed)
+    norm = Normalizer(config.normalize, x[fit_rows])
+    Cs = sorted(config.Cs)
+    path = _fit(norm(x[fit_rows]), y[fit_rows], Cs, config, n_classes)
+    held = norm(x[held_rows])
+    sweep = [{"C": C, "heldout_top1": topk(_scores(m, held), y[held_rows], 1)} for C, m in zip(Cs, path)]
+    best = max(range(len(Cs)), key=lambda i: (sweep[i]["heldout_top1"], -i))  # ties: stronger regularisation
+    norm = Normalizer(config.normalize, x)
+    init = path[best] if config.solver == "torch" else None
+    model = _fit(norm(x), y, [Cs[best]], config, n_classes, init=init)[0]
+    scores = _scores(model, norm(xv))  # the only time val is touched
+    return {"C": Cs[best], "sweep": sweep, "top1": topk(scores, yv, 1), "top5": topk(scores, yv, 5),
+            "mean_per_class_recall": mean_per_class_recall(scores.argmax(1), yv)}
+
+
+class LinearProbe:
+    name = "imagenet"
+    needs = ("labels",)
+
+    def run(self, encoder, data, options=None, context=None) -> dict:
+        start = time.perf_counter()
+        config = LinearConfig.from_options(options)
+        context = context or {}
+        last = encoder.layer if encoder.layer != "final" else encoder.layers.available
+        layers = [encoder.layer] if config.last_layers == 1 else \
+            list(range(last - config.last_layers + 1, last + 1))
+        train, val = classification_features(encoder, data, layers=layers, pool=config.pool,
+                                             per_class=config.per_class, batch_size=config.batch_size,
+                                             cache=context.get("cache"), progress=context.get("progress", True))
+        resolved = train.layers
+        x, xv = checked_features(train, config.pool, resolved), checked_features(val, config.pool, resolved)
+        y, yv = np.array(train.labels), np.array(val.labels)
+        check_labels(y, yv, str(train.meta["data"]["root"]))
+        runs = [run_protocol(x, y, xv, yv, config, seed, train.meta["data"]["num_classes"])
+                for seed in range(config.seeds)]
+        used = {**asdict(config), "layers": resolved}
+        return {
+            "metrics": {m: summarize([r[m] for r in runs]) for m in ("top1", "top5", "mean_per_class_recall")},
+            "chosen_C": [r["C"] for r in runs], "sweep": [r["sweep"] for r in runs],
+            "data": {"train": len(y), "val": len(yv), "classes": train.meta["data"]["num_classes"],
+                     "root": train.meta["data"]["root"]},
+            "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
+        }

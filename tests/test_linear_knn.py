@@ -1,0 +1,174 @@
+"""The `imagenet` (linear) and `knn` probes: solver parity with sklearn, no leak, kNN by hand, real signal."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+
+import probes.linear as linear
+from conftest import write_imagefolder
+from encoder_probe import load_encoder
+from encoder_probe.logreg import LogisticRegression, fit_path
+from probes.knn import KNNProbe, knn_accuracy
+from probes.linear import LinearConfig, LinearProbe, run_protocol
+
+
+def gaussian_classes(n, k=25, d=48, spread=0.35, seed=0):
+    """Overlapping Gaussian classes: hard enough that the regularisation matters."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(123).normal(size=(k, d)) * spread
+    y = rng.integers(0, k, n)
+    return (means[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_torch_solver_matches_sklearn(C):
+    x, y = gaussian_classes(3000)
+    xt, yt = gaussian_classes(3000, seed=1)
+    ours = LogisticRegression(C=C).fit(x, y)
+    clip_recipe = SkLogisticRegression(C=C, max_iter=1000).fit(x, y)
+    assert abs(ours.score(xt, yt) - clip_recipe.score(xt, yt)) <= 0.003
+    exact = SkLogisticRegression(C=C, max_iter=20000, tol=1e-10).fit(x, y)  # sklearn's optimum, tightly
+    reference = LogisticRegression(C=C)
+    reference.coef_, reference.intercept_ = torch.tensor(exact.coef_).float(), torch.tensor(exact.intercept_).float()
+    assert abs(ours.objective(x, y) - reference.objective(x, y)) <= 1e-4 * reference.objective(x, y)
+
+
+def test_warm_path_and_minibatch_reach_the_same_optimum():
+    x, y = gaussian_classes(2000)
+    path = fit_path(x, y, [0.01, 0.1, 1.0])
+    cold = LogisticRegression(C=1.0).fit(x, y)
+    assert abs(path[-1].objective(x, y) - cold.objective(x, y)) <= 1e-4 * cold.objective(x, y)
+    minibatch = LogisticRegression(C=0.1, batch_size=256, epochs=40).fit(x, y)
+    assert abs(minibatch.objective(x, y) - path[1].objective(x, y)) <= 1e-2 * path[1].objective(x, y)
+
+
+def test_val_and_heldout_rows_never_enter_the_sweep(monkeypatch):
+    x, y = gaussian_classes(600, k=5)
+    xv, yv = gaussian_classes(200, k=5, seed=9)
+    events = []
+    real_fit, real_norm = linear._fit, linear.Normalizer
+
+    class SpyNormalizer(real_norm):
+        def __init__(self, how, rows):
+            events.append(("stats", rows.copy()))
+            super().__init__(how, rows)
+
+        def __call__(self, rows):
+            events.append(("apply", rows.copy()))
+            return super().__call__(rows)
+
+    def spy_fit(rows, labels, Cs, *args, **kwargs):
+        events.append(("fit", len(Cs)))
+        return real_fit(rows, labels, Cs, *args, **kwargs)
+
+    monkeypatch.setattr(linear, "Normalizer", SpyNormalizer)
+    monkeypatch.setattr(linear, "_fit", spy_fit)
+    config = LinearConfig(Cs=[0.01, 0.1, 1.0])
+    result = run_protocol(x, y, xv, yv, config, seed=3, n_classes=5)
+
+    fit_rows, held_rows = linear.stratified_holdout(y, 0.1, 3)
+    as_set = lambda a: {r.tobytes() for r in a}
+    val, held, fit = as_set(xv), as_set(x[held_rows]), as_set(x[fit_rows])
+    # sweep: stats + fit on the fit rows, held-out rows only scored; refit on all train; val scored once, last
+    assert [e[0] for e in events] == ["stats", "apply", "fit", "apply", "stats", "apply", "fit", "apply"]
+    assert as_set(events[0][1]) == fit and as_set(events[1][1]) == fit and as_set(events[3][1]) == held
+    assert as_set(events[4][1]) == as_set(events[5][1]) == fit | held  # the refit: the whole train split
+    assert as_set(events[7][1]) == val
+    assert not any(as_set(e[1]) & val for e in events[:7] if e[0] != "fit")
+    assert len(result["sweep"]) == 3 and result["C"] in config.Cs
+
+
+def test_knn_equals_brute_force_numpy():
+    x, y = gaussian_classes(300, k=7, d=16)
+    xv, yv = gaussian_classes(50, k=7, d=16, seed=4)
+    x, xv = x.astype(np.float64), xv.astype(np.float64)
+    got = knn_accuracy(x, y, xv, yv, ks=[10, 20], temperature=0.07, n_classes=7, chunk=16)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = xv / np.linalg.norm(xv, axis=1, keepdims=True)
+    for k in (10, 20):
+        top1 = top5 = 0
+        for q, truth in zip(qn, yv):
+            sims = xn @ q
+            nearest = np.argsort(-sims)[:k]
+            votes = np.zeros(7)
+            for j in nearest:
+                votes[y[j]] += np.exp(sims[j] / 0.07)
+            ranked = np.argsort(-votes, kind="stable")
+            top1 += ranked[0] == truth
+            top5 += truth in ranked[:5]
+        assert got[k]["top1"] == pytest.approx(top1 / 50, abs=1e-9)
+        assert got[k]["top5"] == pytest.approx(top5 / 50, abs=1e-9)
+
+
+def test_pretrained_tower_beats_its_random_twin_on_demo_data(tmp_path):
+    """Real signal on the built-in demo data (the ImageNet tower, not a tower trained in the test:
+    test_vit/test_resnet trained 15 epochs on the 240 demo images stayed at chance)."""
+    scores = {}
+    for spec in ("torchvision:mobilenet_v2@imagenet", "torchvision:mobilenet_v2"):
+        encoder = load_encoder(spec)
+        result = LinearProbe().run(encoder, None, {"seeds": 2, "Cs": [0.01, 0.1, 1.0, 10.0]},
+                                   {"cache": tmp_path, "progress": False})
+        knn = KNNProbe().run(encoder, None, {}, {"cache": tmp_path, "progress": False})
+        scores[spec] = result["metrics"]["top1"]["value"], knn["metrics"]["top1@k=10"]["value"]
+        assert len(result["metrics"]["top1"]["values"]) == 2 and "ci95" in result["metrics"]["top1"]
+        assert len(result["chosen_C"]) == 2 and len(result["sweep"][0]) == 4
+    (lin, knn), (lin0, knn0) = scores.values()
+    assert lin > 0.6 and lin - lin0 > 0.2, scores
+    assert knn - knn0 > 0.15, scores
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "encoder_probe", "run", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("one_class", "has only one class"),
+    ("unseen_val_class", "classes absent from the train split: zebra"),
+    ("empty_split", "split 'val'"),
+    ("nan_features", "contain NaN or inf"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
+    data = tmp_path / "data"
+    encoder = "timm:test_vit"
+    if problem == "one_class":
+        write_imagefolder(data, classes=("cat",), per_class=3, split="train")
+        write_imagefolder(data, classes=("cat",), per_class=2, split="val")
+    else:
+        write_imagefolder(data, per_class=3, split="train")
+        if problem != "empty_split":
+            write_imagefolder(data, classes=("cat", "zebra") if problem == "unseen_val_class" else ("cat", "dog"),
+                              per_class=2, split="val")
+    if problem == "nan_features":
+        from safetensors.torch import save_file
+        state = load_encoder(encoder).module.state_dict()
+        state["norm.weight"] = torch.full_like(state["norm.weight"], float("nan"))
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "nan.safetensors")
+        encoder = f"{encoder}@{tmp_path / 'nan.safetensors'}"
+    proc, out = _run(tmp_path, "--encoder", encoder, "--suite", "imagenet", "--data", f"imagenet={data}")
+    errors = [line for line in proc.stderr.splitlines() if "probe: error" in line]  # the rest is progress
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert proc.stderr.rstrip().endswith(errors[0].split("probe: error", 1)[1])
+    assert not list(out.glob("*/results.json"))
+
+
+def test_cli_run_writes_linear_and_knn_results(tmp_path):
+    data = tmp_path / "data"
+    write_imagefolder(data, per_class=6, split="train")
+    write_imagefolder(data, per_class=3, split="val", seed=1)
+    proc, out = _run(tmp_path, "--encoder", "timm:test_vit", "--suite", "imagenet,knn", "--data", f"imagenet={data}",
+                     "--solver", "sklearn", "--seeds", "2")
+    assert proc.returncode == 0, proc.stderr
+    [results] = list(out.glob("*/results.json"))
+    record = json.loads(results.read_text())
+    linear_result, knn_result = record["probes"]["imagenet"], record["probes"]["knn"]
+    assert linear_result["status"] == "ok" and linear_result["config"]["solver"] == "sklearn"
+    assert linear_result["data"] == {"train": 18, "val": 9, "classes": 3, "root": str(data)}
+    assert set(knn_result["metrics"]) == {"top1@k=10", "top5@k=10", "top1@k=20", "top5@k=20"}
+    assert knn_result["metrics"]["top5@k=10"]["value"] == 1.0  # 3 classes: every class is in the top 5

@@ -59,6 +59,13 @@ def summarize(values, higher_is_better: bool = True) -> dict:
     return out
 
 
+def config_from(cls, options: dict | None):
+    """A probe's config dataclass from the suite's shared options: it takes the keys it knows."""
+    from dataclasses import fields
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in (options or {}).items() if k in known and v is not None})
+
+
 def config_hash(config: dict) -> str:
     import hashlib
     import json
@@ -82,6 +89,33 @@ def classification_features(encoder, data: dict | None, *, layers, pool, per_cla
     val = open_dataset(name, root, "val", **options)
     return tuple(extract(encoder, dataset, out=cache, layers=layers, pool=pool, batch_size=batch_size,
                          progress=progress) for dataset in (train, val))
+
+
+def check_labels(y: np.ndarray, yv: np.ndarray, where: str) -> None:
+    """A classifier needs two classes and val classes that train has seen."""
+    from .errors import DataError
+    if len(y) == 0 or len(yv) == 0:
+        raise DataError(f"{where}: empty split (train {len(y)}, val {len(yv)} rows)")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise DataError(f"{where}: the train split has only one class ({classes[0]}); a classifier needs two")
+    missing = np.setdiff1d(np.unique(yv), classes)
+    if len(missing):
+        raise DataError(f"{where}: val has classes absent from train: {missing[:10].tolist()}")
+
+
+def labelled_arrays(encoder, data, config, context, layers=None):
+    """(x, y, xv, yv, train FeatureSet): checked pooled features and labels of train and val.
+
+    ``config`` supplies pool, per_class and batch_size; ``context`` the cache and progress flag.
+    """
+    train, val = classification_features(encoder, data, layers=layers, pool=config.pool,
+                                         per_class=config.per_class, batch_size=config.batch_size,
+                                         cache=context.get("cache"), progress=context.get("progress", True))
+    x, xv = checked_features(train, config.pool, train.layers), checked_features(val, config.pool, val.layers)
+    y, yv = np.array(train.labels), np.array(val.labels)
+    check_labels(y, yv, str(train.meta["data"]["root"]))
+    return x, y, xv, yv, train
 
 
 def checked_features(features, pool: str, layers) -> np.ndarray:

@@ -7,14 +7,12 @@ top-1 and top-5 for every k. Computed in the features' dtype.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from encoder_probe.probe import checked_features, classification_features, config_hash, summarize
-
-from .linear import check_labels
+from encoder_probe.probe import config_from, config_hash, labelled_arrays, summarize
 
 
 @dataclass
@@ -26,11 +24,6 @@ class KNNConfig:
     batch_size: int = 64
     chunk: int = 1024  # val rows per similarity block: memory is chunk x n_train
     device: str | None = None
-
-    @classmethod
-    def from_options(cls, options: dict | None) -> "KNNConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (options or {}).items() if k in known and v is not None})
 
 
 def knn_votes(train: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, k: int, temperature: float,
@@ -64,14 +57,8 @@ class KNNProbe:
 
     def run(self, encoder, data, options=None, context=None) -> dict:
         start = time.perf_counter()
-        config = KNNConfig.from_options(options)
-        context = context or {}
-        train, val = classification_features(encoder, data, layers=None, pool=config.pool,
-                                             per_class=config.per_class, batch_size=config.batch_size,
-                                             cache=context.get("cache"), progress=context.get("progress", True))
-        x, xv = checked_features(train, config.pool, train.layers), checked_features(val, config.pool, val.layers)
-        y, yv = np.array(train.labels), np.array(val.labels)
-        check_labels(y, yv, str(train.meta["data"]["root"]))
+        config = config_from(KNNConfig, options)
+        x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {})
         scores = knn_accuracy(x, y, xv, yv, ks=config.ks, temperature=config.temperature,
                               n_classes=train.meta["data"]["num_classes"], chunk=config.chunk, device=config.device)
         used = {**asdict(config), "layers": train.layers}

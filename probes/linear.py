@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from encoder_probe.errors import DataError, SpecError
+from encoder_probe.errors import SpecError
 from encoder_probe.logreg import LogisticRegression, fit_path
-from encoder_probe.probe import checked_features, classification_features, config_hash, summarize
+from encoder_probe.probe import config_from, config_hash, labelled_arrays, summarize
 
 NORMALIZE = ("standardize", "l2")
 SOLVERS = ("torch", "sklearn")
@@ -41,8 +41,7 @@ class LinearConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> "LinearConfig":
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in (options or {}).items() if k in known and v is not None})
+        config = config_from(cls, options)
         if config.normalize not in NORMALIZE:
             raise SpecError(f"linear probe: normalize must be one of {NORMALIZE}, got {config.normalize!r}")
         if config.solver not in SOLVERS:
@@ -76,17 +75,6 @@ class Normalizer:
         if self.how == "standardize":
             return (x - self.mean) / self.std
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def check_labels(y: np.ndarray, yv: np.ndarray, where: str) -> None:
-    classes = np.unique(y)
-    if len(y) == 0 or len(yv) == 0:
-        raise DataError(f"{where}: empty split (train {len(y)}, val {len(yv)} rows)")
-    if len(classes) < 2:
-        raise DataError(f"{where}: the train split has only one class ({classes[0]}); a classifier needs two")
-    missing = np.setdiff1d(np.unique(yv), classes)
-    if len(missing):
-        raise DataError(f"{where}: val has classes absent from train: {missing[:10].tolist()}")
 
 
 def topk(scores: np.ndarray, y: np.ndarray, k: int) -> float:
@@ -162,17 +150,11 @@ class LinearProbe:
     def run(self, encoder, data, options=None, context=None) -> dict:
         start = time.perf_counter()
         config = LinearConfig.from_options(options)
-        context = context or {}
         last = encoder.layer if encoder.layer != "final" else encoder.layers.available
         layers = [encoder.layer] if config.last_layers == 1 else \
             list(range(last - config.last_layers + 1, last + 1))
-        train, val = classification_features(encoder, data, layers=layers, pool=config.pool,
-                                             per_class=config.per_class, batch_size=config.batch_size,
-                                             cache=context.get("cache"), progress=context.get("progress", True))
+        x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {}, layers)
         resolved = train.layers
-        x, xv = checked_features(train, config.pool, resolved), checked_features(val, config.pool, resolved)
-        y, yv = np.array(train.labels), np.array(val.labels)
-        check_labels(y, yv, str(train.meta["data"]["root"]))
         runs = [run_protocol(x, y, xv, yv, config, seed, train.meta["data"]["num_classes"])
                 for seed in range(config.seeds)]
         used = {**asdict(config), "layers": resolved}

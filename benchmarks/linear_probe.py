@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = {"a": (50_000, 768, 100), "b": (10_000, 1152, 1000)}
+# rows, dim, classes, spread of the class means (set so that top-1 lands mid-range, not at chance)
+CASES = {"a": (50_000, 768, 100, 3.0), "b": (10_000, 1152, 1000, 8.0)}
 
 
-def features(root: Path, n: int, d: int, k: int, seed: int = 0):
+def features(root: Path, n: int, d: int, k: int, spread: float, seed: int = 0):
     """Cached train/val features: Gaussian classes whose means overlap (top-1 well below 100%)."""
-    path = root / f"gauss-{n}x{d}-{k}.npz"
+    path = root / f"gauss-{n}x{d}-{k}-{spread:g}.npz"
     if not path.is_file():
         rng = np.random.default_rng(seed)
-        means = rng.normal(size=(k, d)).astype(np.float32) * (3.0 / np.sqrt(d))
+        means = rng.normal(size=(k, d)).astype(np.float32) * (spread / np.sqrt(d))
         y, yv = rng.integers(0, k, n), rng.integers(0, k, n // 5)
         x = means[y] + rng.normal(size=(n, d)).astype(np.float32)
         xv = means[yv] + rng.normal(size=(len(yv), d)).astype(np.float32)
@@ -47,9 +48,9 @@ def main():
     print("| case | rows x dim, classes | torch s | sklearn s | speed-up | torch top-1 | sklearn top-1 | diff (pt) | C torch / sklearn |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in args.cases.split(","):
-        n, d, k = CASES[case]
+        n, d, k, spread = CASES[case]
         n = int(n * args.scale)
-        x, y, xv, yv = features(Path(args.work), n, d, k)
+        x, y, xv, yv = features(Path(args.work), n, d, k, spread)
         runs = {}
         for solver in ("torch", "sklearn"):
             start = time.perf_counter()

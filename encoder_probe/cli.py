@@ -23,8 +23,8 @@ def _load_options(args) -> dict:
 
 def _sample_pixels(encoder, n: int = 2):
     import torch
-    from .toy import demo_images
-    return torch.stack([encoder.transform(image) for image in demo_images(n, size=max(encoder.preprocess.size))])
+    from .data.demo import render_scene
+    return torch.stack([encoder.transform(render_scene(0, 0, i)[0]) for i in range(n)])
 
 
 def cmd_list(args) -> int:

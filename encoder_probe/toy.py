@@ -111,21 +111,3 @@ def relayout(directory: str | Path, rename) -> None:
         data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data))
 
-
-def demo_images(n: int = 4, size: int = 64, seed: int = 0):
-    """Deterministic procedural PIL images: a coloured shape on a textured background."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for i in range(n):
-        background = (rng.random((size, size, 3)) * 60 + 40).astype("uint8")
-        image = Image.fromarray(background)
-        draw = ImageDraw.Draw(image)
-        x, y = rng.integers(4, size // 2, 2)
-        r = int(rng.integers(size // 6, size // 3))
-        colour = tuple(int(c) for c in rng.integers(80, 256, 3))
-        (draw.ellipse if i % 2 else draw.rectangle)([x, y, x + r, y + r], fill=colour)
-        images.append(image)
-    return images

@@ -75,13 +75,16 @@ def config_hash(config: dict) -> str:
 def classification_features(encoder, data: dict | None, *, layers, pool, per_class, batch_size, cache=None,
                             progress=True):
     """Train and val FeatureSets of the classification data a suite runs on (default: the demo data)."""
-    from .data import open_dataset
+    from .data import DATASETS, open_dataset
+    from .errors import DataError
     from .features import extract
     name, root = "imagenet", None
     if data:
-        labelled = [k for k in data if k != "ade20k"]
-        if labelled:
-            name, root = labelled[0], data[labelled[0]]
+        labelled = [k for k in data if DATASETS[k].task == "classification"]
+        if not labelled:
+            raise DataError(f"a classification probe needs a labelled dataset; --data gave only "
+                            f"{', '.join(data)} (segmentation data)")
+        name, root = labelled[0], data[labelled[0]]
     options = {"per_class": per_class} if per_class else {}
     train = open_dataset(name, root, "train", **options)
     if hasattr(train, "wnids"):  # an ImageFolder: val labels follow train's class list, by name

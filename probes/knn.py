@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from encoder_probe.errors import SpecError
 from encoder_probe.probe import config_from, config_hash, labelled_arrays, summarize
 
 
@@ -58,6 +59,9 @@ class KNNProbe:
     def run(self, encoder, data, options=None, context=None) -> dict:
         start = time.perf_counter()
         config = config_from(KNNConfig, options)
+        if not config.ks or min(config.ks) < 1 or config.temperature <= 0 or config.chunk < 1:
+            raise SpecError(f"knn probe: need ks >= 1, temperature > 0 and chunk >= 1, got {config.ks}, "
+                            f"{config.temperature}, {config.chunk}")
         x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {})
         scores = knn_accuracy(x, y, xv, yv, ks=config.ks, temperature=config.temperature,
                               n_classes=train.meta["data"]["num_classes"], chunk=config.chunk, device=config.device)

@@ -133,6 +133,7 @@ def _run(tmp_path, *args):
     ("unseen_val_class", "classes absent from the train split: zebra"),
     ("empty_split", "split 'val'"),
     ("nan_features", "contain NaN or inf"),
+    ("segmentation_only", "needs a labelled dataset; --data gave only ade20k"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
     data = tmp_path / "data"
@@ -151,7 +152,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
         state["norm.weight"] = torch.full_like(state["norm.weight"], float("nan"))
         save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "nan.safetensors")
         encoder = f"{encoder}@{tmp_path / 'nan.safetensors'}"
-    proc, out = _run(tmp_path, "--encoder", encoder, "--suite", "imagenet", "--data", f"imagenet={data}")
+    name = "ade20k" if problem == "segmentation_only" else "imagenet"
+    proc, out = _run(tmp_path, "--encoder", encoder, "--suite", "imagenet", "--data", f"{name}={data}")
     errors = [line for line in proc.stderr.splitlines() if "probe: error" in line]  # the rest is progress
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
     assert proc.stderr.rstrip().endswith(errors[0].split("probe: error", 1)[1])
@@ -172,3 +174,11 @@ def test_cli_run_writes_linear_and_knn_results(tmp_path):
     assert linear_result["data"] == {"train": 18, "val": 9, "classes": 3, "root": str(data)}
     assert set(knn_result["metrics"]) == {"top1@k=10", "top5@k=10", "top1@k=20", "top5@k=20"}
     assert knn_result["metrics"]["top5@k=10"]["value"] == 1.0  # 3 classes: every class is in the top 5
+
+
+@pytest.mark.parametrize("options", [{"ks": []}, {"ks": [0]}, {"temperature": 0}])
+def test_knn_rejects_bad_options_before_any_work(tmp_path, options):
+    from encoder_probe.errors import SpecError
+    with pytest.raises(SpecError, match="knn probe: need ks >= 1"):
+        KNNProbe().run(load_encoder("timm:test_vit"), None, options, {"cache": tmp_path})
+    assert not any(tmp_path.iterdir())

@@ -32,6 +32,7 @@ class ADE20K(ImageDataset):
     """ADE20K ADEChallengeData2016: images/{training,validation}/*.jpg + annotations/*.png, 150 classes."""
 
     name = "ade20k"
+    task = "segmentation"
 
     def __init__(self, root: str | Path, split: str = "train"):
         root = Path(root)

@@ -40,6 +40,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     name = ""
+    task = "classification"  # or "segmentation": which probes can read it
 
     def __init__(self, root: Path, split: str, samples: list[Sample], class_names: list[str], *,
                  options: dict | None = None):

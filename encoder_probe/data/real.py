@@ -171,6 +171,7 @@ class RealMasks(ArrayDataset):
     """Three real photos with per-pixel masks (PASCAL VOC, ARC2017, nuclei), split val."""
 
     name = "real-masks"
+    task = "segmentation"
 
     @staticmethod
     def default_root() -> Path:

@@ -8,6 +8,7 @@ scratch). Features are cached .npy files of overlapping Gaussian classes at the 
 
     .venv/bin/python benchmarks/linear_probe.py                 # (a) 50k x 768, 100 classes; (b) 10k x 1152, 1000
     .venv/bin/python benchmarks/linear_probe.py --scale 0.2     # both at a fifth of the rows
+    .venv/bin/python benchmarks/linear_probe.py --cases a --passes   # where the time goes: passes per C
 """
 from __future__ import annotations
 
@@ -36,6 +37,32 @@ def features(root: Path, n: int, d: int, k: int, spread: float, seed: int = 0):
     return data["x"], data["y"], data["xv"], data["yv"]
 
 
+def passes(x, y, k, Cs):
+    """Per C of the sweep: sklearn's lbfgs iterations (from scratch) and the torch path's loss
+    evaluations (warm start), with the cost of one pass over the data for each."""
+    import torch
+    from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+    from encoder_probe import logreg
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    sk_iters, start = [], time.perf_counter()
+    for C in Cs:
+        sk_iters.append(int(SkLogisticRegression(C=C, max_iter=1000).fit(x, y).n_iter_[0]))
+    sk_s = time.perf_counter() - start
+    evals, loss = [0], logreg._loss
+    def counted(*args):
+        evals[0] += 1
+        return loss(*args)
+    logreg._loss = counted
+    start = time.perf_counter()
+    models = logreg.fit_path(torch.from_numpy(x), torch.from_numpy(y), Cs, tol=1e-5, n_classes=k)
+    torch_s = time.perf_counter() - start
+    logreg._loss = loss
+    print(f"sklearn: {sk_s:.1f} s, iterations per C {sk_iters} (total {sum(sk_iters)}, {sk_s / sum(sk_iters):.3f} s each)")
+    print(f"torch:   {torch_s:.1f} s, iterations per C {[m.n_iter_ for m in models]}, {evals[0]} loss+grad "
+          f"evaluations ({torch_s / evals[0]:.3f} s each)")
+    print(f"a 30x speed-up leaves {sk_s / 30:.2f} s = {sk_s / 30 / (torch_s / evals[0]):.0f} evaluations for {len(Cs)} Cs")
+
+
 def main():
     from probes.linear import LinearConfig, run_protocol
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,8 +70,17 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the rows (for a quick look)")
     parser.add_argument("--Cs", default=None, help="comma-separated C grid both solvers sweep (default: the probe's)")
     parser.add_argument("--work", default=".cache/bench-linear")
+    parser.add_argument("--passes", action="store_true", help="count passes per C on the sweep rows instead")
     args = parser.parse_args()
     Cs = [float(c) for c in args.Cs.split(",")] if args.Cs else LinearConfig().Cs
+    if args.passes:
+        for case in args.cases.split(","):
+            n, d, k, spread = CASES[case]
+            x, y, _, _ = features(Path(args.work), int(n * args.scale), d, k, spread)
+            rows = int(0.9 * len(x))  # the sweep's share of train
+            print(f"case {case}: {rows} x {d}, {k} classes")
+            passes(x[:rows], y[:rows], k, Cs)
+        return
     print("| case | rows x dim, classes | torch s | sklearn s | speed-up | torch top-1 | sklearn top-1 | diff (pt) | C torch / sklearn |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in args.cases.split(","):

@@ -99,6 +99,25 @@ def _parse_data(values) -> dict | None:
     return data
 
 
+def _parse_options(values) -> dict:
+    """``--option KEY=VALUE`` (repeatable) -> {key: value}; values are JSON where they parse
+    (numbers, lists, true/false), else strings; a repeated key collects a list."""
+    options: dict = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        key = key.strip().replace("-", "_")
+        if key in options:
+            value = (options[key] if isinstance(options[key], list) else [options[key]]) + [value]
+        options[key] = value
+    return options
+
+
 def cmd_extract(args) -> int:
     from .data import open_dataset
     from .encoders import load_encoder
@@ -127,7 +146,7 @@ def cmd_run(args) -> int:
     from .runner import run_suite
 
     data = _parse_data(args.data)
-    options = {"per_class": args.per_class, "solver": args.solver, "pool": args.pool}
+    options = {"per_class": args.per_class, "solver": args.solver, "pool": args.pool, **_parse_options(args.option)}
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
                         seeds=args.seeds, options={k: v for k, v in options.items() if v is not None},
                         **_load_options(args))
@@ -234,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, help="K train/val images per class (few-shot subsets)")
     p.add_argument("--solver", choices=["torch", "sklearn"], help="linear probe solver (sklearn = the CLIP recipe)")
     p.add_argument("--pool", help="pooling of the classification probes: cls, mean, cls+mean, head")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a probe option, repeatable (e.g. head=mlp, reference=SPEC); each probe takes the keys it knows")
     loading(p)
     p.set_defaults(func=cmd_run)
 

@@ -129,3 +129,15 @@ def checked_features(features, pool: str, layers) -> np.ndarray:
         bad = int((~np.isfinite(x)).any(1).sum())
         raise DataError(f"{features.path}: {bad} of {len(x)} feature rows contain NaN or inf")
     return x
+
+
+def artifact_dir(encoder, context: dict | None, probe: str) -> "Path | None":
+    """Where a probe writes its files: ``OUT/<fingerprint[:16]>/<probe>/`` beside the encoder's
+    results.json (None when the caller gave no ``out``, e.g. a bare ``probe.run`` in a notebook)."""
+    from pathlib import Path
+    out = (context or {}).get("out")
+    if out is None:
+        return None
+    path = Path(out) / encoder.fingerprint[:16] / probe
+    path.mkdir(parents=True, exist_ok=True)
+    return path

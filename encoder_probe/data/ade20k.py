@@ -45,6 +45,10 @@ class ADE20K(ImageDataset):
         annotations = require_dir(root / "annotations" / folder, f"ADE20K annotations/{folder}")
         if not images:
             raise DataError(f"{root / 'images' / folder}: no images")
+        orphans = sorted({p.stem for p in annotations.glob("*.png")} - {p.stem for p in images})
+        if orphans:
+            raise DataError(f"{annotations / (orphans[0] + '.png')}: annotation has no image of the same name "
+                            f"in images/{folder} ({len(orphans)} such)")
         samples = []
         for image in images:
             mask = annotations / f"{image.stem}.png"

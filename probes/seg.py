@@ -1,0 +1,303 @@
+"""`seg`: a segmentation head on frozen patch tokens, scored by mIoU (DINOv2's linear ADE20K protocol).
+
+The head is BatchNorm + 1x1 conv on the token grid (``head="mlp"``: a hidden layer + GELU);
+its logits are upsampled bilinearly to the label map (the encoder's input resolution, see
+``data.transforms.SegmentationTransform``) and trained with cross-entropy, ignore index 255, AdamW,
+linear warm-up then cosine decay. Tokens are read from the extraction cache (float16), so no
+epoch re-runs the encoder; all heads of the learning-rate grid train together on the same
+batches (one read feeds every head, as DINOv2's evaluation does).
+
+Protocol: the learning rate is chosen on a seeded held-out 10% of the *train* images (heads fit on
+the other 90%); the winner is refit on all of train and scored once on val. A multi-label patch
+head (BCE on the classes present in each patch) gives the patch-seg "union" macro recall the
+PIVOT paper reports; see ``encoder_probe.segmentation`` for exactly what each metric counts.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from encoder_probe.errors import DataError, SpecError
+from encoder_probe.probe import (artifact_dir, config_from, config_hash, last_layers, pick_dataset,
+                                 summarize)
+from encoder_probe.segmentation import (IGNORE_INDEX, confusion_matrix, patch_counts, patch_scores,
+                                        patch_union_targets, pixel_scores, upsample_bilinear)
+
+HEADS = ("linear", "mlp")
+
+
+@dataclass
+class SegConfig:
+    head: str = "linear"
+    last_layers: int = 1  # 4 = DINOv2's concatenation of the last four blocks
+    lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
+    epochs: int = 10
+    head_batch: int = 16  # images per optimiser step
+    weight_decay: float = 1e-4
+    warmup: float = 0.1  # fraction of the steps spent warming up
+    hidden: int = 512  # width of the mlp head
+    holdout: float = 0.1
+    seeds: int = 1
+    show: int = 4  # validation images in the PNG grid
+    batch_size: int = 32  # extraction batch
+    device: str | None = None
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "SegConfig":
+        config = config_from(cls, options)
+        if config.head not in HEADS:
+            raise SpecError(f"seg probe: head must be one of {', '.join(HEADS)}, got {config.head!r}")
+        if not config.lrs or min(config.lrs) <= 0 or config.epochs < 1 or config.head_batch < 1:
+            raise SpecError("seg probe: need positive lrs, epochs >= 1 and head_batch >= 1")
+        if not 0 < config.holdout < 1 or config.seeds < 1 or config.last_layers < 1 or not 0 <= config.warmup < 1:
+            raise SpecError("seg probe: need 0 < holdout < 1, seeds >= 1, last_layers >= 1 and 0 <= warmup < 1")
+        return config
+
+
+# -- heads -------------------------------------------------------------------------------------
+class TokenHead(nn.Module):
+    """DINOv2's linear segmentation head, BatchNorm + 1x1 conv, applied to tokens directly.
+
+    BatchNorm1d over the (B*h*w, D) tokens is BatchNorm2d over the (B, D, h, w) map and a Linear
+    is a 1x1 conv, so this is the same head without the layout round trip. ``kind="mlp"`` puts a
+    hidden layer + GELU before the classifier. (B, h*w, D) -> (B, h*w, C).
+    """
+
+    def __init__(self, kind: str, dim: int, num_classes: int, hidden: int = 512):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim)
+        self.classify = nn.Linear(dim, num_classes) if kind == "linear" else \
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, D = tokens.shape
+        return self.classify(self.norm(tokens.reshape(B * N, D))).view(B, N, -1)
+
+
+def logit_map(logits: torch.Tensor, grid) -> torch.Tensor:
+    """(B, h*w, C) head output -> (B, C, h, w)."""
+    return logits.transpose(1, 2).reshape(logits.shape[0], logits.shape[2], *grid)
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup: float):
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to zero."""
+    warm = max(1, int(round(warmup * total_steps))) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- data --------------------------------------------------------------------------------------
+class CachedTokens:
+    """Batches of (tokens as a (B, D, h, w) map, masks) read from cached FeatureSets, never the encoder."""
+
+    def __init__(self, features, layers, device, dtype=torch.float32):
+        self.tokens = [features.tokens(layer) for layer in layers]
+        if len({t.shape[:2] for t in self.tokens}) > 1:
+            raise SpecError(f"{features.path}: layers {layers} have different token grids; "
+                            f"last_layers needs blocks of one grid")
+        self.masks, self.grid, self.device, self.dtype = features.masks, features.grid, device, dtype
+        self.dim = sum(t.shape[2] for t in self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h*w, D) tokens (layers side by side), (B, H, W) long masks."""
+        rows = np.sort(rows)  # memmap reads in file order
+        x = torch.cat([torch.from_numpy(np.ascontiguousarray(t[rows])) for t in self.tokens], dim=2)
+        return x.to(self.device, self.dtype), torch.from_numpy(np.ascontiguousarray(self.masks[rows])).to(self.device).long()
+
+
+def _pixel_loss(logits, masks, grid):
+    return F.cross_entropy(upsample_bilinear(logit_map(logits, grid), masks.shape[-2:]), masks,
+                           ignore_index=IGNORE_INDEX)
+
+
+def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_classes: int, seed: int,
+                desc: str = "seg heads") -> list[tuple[nn.Module, nn.Module]]:
+    """Train, for every lr, a pixel head (CE) and a patch head (BCE on patch class sets) on ``rows``.
+
+    Every batch is read once and feeds all heads. Returns [(pixel_head, patch_head)] in ``lrs`` order.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = math.ceil(len(rows) / config.head_batch)
+    bank = []
+    for lr in lrs:
+        pair = (TokenHead(config.head, source.dim, num_classes, config.hidden),
+                TokenHead(config.head, source.dim, num_classes, config.hidden))
+        for head in pair:
+            head.to(source.device).train()
+            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
+            bank.append((head, opt, warmup_cosine(opt, steps_per_epoch * config.epochs, config.warmup)))
+    with tqdm(total=steps_per_epoch * config.epochs, desc=desc, leave=False, disable=None) as bar:
+        for _ in range(config.epochs):
+            order = rng.permutation(rows)
+            for start in range(0, len(order), config.head_batch):
+                x, masks = source.batch(order[start:start + config.head_batch])
+                targets = patch_union_targets(masks, source.grid, num_classes).to(x.dtype)
+                for i, (head, opt, sched) in enumerate(bank):
+                    logits = head(x)
+                    if i % 2 == 0:
+                        loss = _pixel_loss(logits, masks, source.grid)
+                    else:
+                        loss = F.binary_cross_entropy_with_logits(logits, targets)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                bar.update()
+    heads = [head.eval() for head, _, _ in bank]
+    return list(zip(heads[0::2], heads[1::2]))
+
+
+@torch.no_grad()
+def evaluate_heads(source, rows: np.ndarray, pairs, num_classes: int, batch: int = 16) -> list[dict]:
+    """Scores of every (pixel head, patch head) pair on ``rows``, summed over all of them."""
+    conf = [torch.zeros(num_classes, num_classes, dtype=torch.long, device=source.device) for _ in pairs]
+    counts = [torch.zeros(3, num_classes, dtype=torch.long, device=source.device) for _ in pairs]
+    for start in range(0, len(rows), batch):
+        x, masks = source.batch(rows[start:start + batch])
+        truth = patch_union_targets(masks, source.grid, num_classes)
+        for i, (pixel, patch) in enumerate(pairs):
+            conf[i] += confusion_matrix(masks, predict(pixel, x, source.grid, masks.shape[-2:]), num_classes)
+            counts[i] += patch_counts(truth, patch(x) > 0)
+    return [{**pixel_scores(c), **patch_scores(n)} for c, n in zip(conf, counts)]
+
+
+def predict(head: nn.Module, x: torch.Tensor, grid, size) -> torch.Tensor:
+    """(B, H, W) class map: logits upsampled bilinearly to the label size, then argmax."""
+    return upsample_bilinear(logit_map(head(x), grid), tuple(size)).argmax(1)
+
+
+def holdout_images(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows): a seeded ``fraction`` of the train images, at least one."""
+    if n < 2:
+        raise DataError(f"seg probe: the train split has {n} image(s); holding some out for the lr choice needs 2")
+    held = np.sort(np.random.default_rng(seed).choice(n, max(1, int(round(fraction * n))), replace=False))
+    return np.setdiff1d(np.arange(n), held), held
+
+
+def run_protocol(train, val, config: SegConfig, num_classes: int, seed: int) -> dict:
+    """lr chosen on held-out train images, refit on all train, val scored once; returns val scores."""
+    fit, held = holdout_images(len(train), config.holdout, seed)
+    sweep = evaluate_heads(train, held, train_heads(train, fit, config.lrs, config, num_classes, seed,
+                                                    desc=f"seg lr sweep (seed {seed})"), num_classes)
+    best_pixel = int(np.nanargmax([s["mIoU"] for s in sweep]))
+    best_patch = int(np.nanargmax([s["patch_macro_f1"] for s in sweep]))
+    lrs = [config.lrs[best_pixel], config.lrs[best_patch]]
+    final = train_heads(train, np.arange(len(train)), lrs, config, num_classes, seed, desc=f"seg refit (seed {seed})")
+    pixel_head, patch_head = final[0][0], final[1][1]
+    scores = evaluate_heads(val, np.arange(len(val)), [(pixel_head, patch_head)], num_classes)[0]
+    return {**scores, "lr": lrs[0], "patch_lr": lrs[1], "pixel_head": pixel_head,
+            "sweep": [{"lr": lr, "heldout_mIoU": s["mIoU"], "heldout_patch_macro_f1": s["patch_macro_f1"]}
+                      for lr, s in zip(config.lrs, sweep)]}
+
+
+# -- pictures ----------------------------------------------------------------------------------
+def palette(num_classes: int) -> np.ndarray:
+    """(C + 1, 3) uint8 colours; the last row (ignore) is black."""
+    import matplotlib
+    colours = matplotlib.colormaps["tab20"](np.arange(num_classes) % 20)[:, :3]
+    colours *= 1 - 0.35 * ((np.arange(num_classes) // 20) % 3)[:, None] / 2  # darker cycles past 20
+    return np.vstack([(colours * 255).astype(np.uint8), [[0, 0, 0]]])
+
+
+def prediction_grid(dataset, indices, truth, predictions, num_classes: int) -> bytes:
+    """PNG bytes: one row per image (image, ground truth, prediction), the encoder's own view."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = palette(num_classes)
+    mean, std = np.array(dataset.preprocess.mean), np.array(dataset.preprocess.std)
+    fig, axes = plt.subplots(len(indices), 3, figsize=(7.5, 2.5 * len(indices)), squeeze=False)
+    for row, (index, gt, pred) in enumerate(zip(indices, truth, predictions)):
+        image = dataset[int(index)]["pixels"].permute(1, 2, 0).numpy() * std + mean
+        gt = np.where(gt == IGNORE_INDEX, num_classes, gt)
+        for ax, picture, title in zip(axes[row], (image.clip(0, 1), colours[gt], colours[pred]),
+                                      ("image", "ground truth", "prediction")):
+            ax.imshow(picture)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# -- the probe ---------------------------------------------------------------------------------
+def segmentation_features(encoder, data, config: SegConfig, context: dict, layers):
+    """(train FeatureSet, val FeatureSet, val dataset) with tokens and masks; default: the demo ADE20K."""
+    from encoder_probe.data import open_dataset
+    from encoder_probe.features import extract
+    name, root = pick_dataset(data, "segmentation", default="ade20k")
+    splits = [open_dataset(name, root, split) for split in ("train", "val")]
+    features = [extract(encoder, dataset, out=context.get("cache"), layers=layers, pool="mean", tokens=True,
+                        batch_size=config.batch_size, progress=context.get("progress", True)) for dataset in splits]
+    for f in features:
+        if len(f) == 0:
+            raise DataError(f"{f.meta['data']['root']}: empty {f.meta['data']['split']} split")
+    return features[0], features[1], splits[1]
+
+
+class SegProbe:
+    name = "seg"
+    needs = ("masks",)
+
+    def run(self, encoder, data, options=None, context=None) -> dict:
+        start = time.perf_counter()
+        context = context or {}
+        config = SegConfig.from_options(options)
+        train_set, val_set, val_data = segmentation_features(encoder, data, config, context,
+                                                             last_layers(encoder, config.last_layers))
+        num_classes = train_set.meta["data"]["num_classes"]
+        device = torch.device(config.device or "cpu")
+        train, val = (CachedTokens(f, f.layers, device) for f in (train_set, val_set))
+        runs = [run_protocol(train, val, config, num_classes, seed) for seed in range(config.seeds)]
+
+        names = train_set.class_names
+        per_class = np.nanmean(np.array([r["iou"] for r in runs], dtype=float), axis=0) \
+            if any(np.isfinite(r["iou"]).any() for r in runs) else np.full(num_classes, np.nan)
+        used = {**asdict(config), "layers": train_set.layers, "grid": list(train_set.grid)}
+        result = {
+            "metrics": {m: summarize([r[m] for r in runs]) for m in ("mIoU", "pixel_accuracy", "patch_macro_recall")},
+            "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, per_class)},
+            "classes_counted": [r["classes_counted"] for r in runs],
+            "chosen_lr": [r["lr"] for r in runs], "chosen_patch_lr": [r["patch_lr"] for r in runs],
+            "sweep": [r["sweep"] for r in runs],
+            "data": {"train": len(train), "val": len(val), "classes": num_classes,
+                     "root": train_set.meta["data"]["root"], "mask_size": list(val_set.masks.shape[1:])},
+            "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
+        }
+        out = artifact_dir(encoder, context, self.name)
+        if out is not None and config.show > 0:
+            result["artifacts"] = self._write_artifacts(out, runs[0]["pixel_head"], val, val_set, val_data,
+                                                        result["per_class_iou"], config.show, num_classes)
+        return result
+
+    @staticmethod
+    def _write_artifacts(out, head, val, val_set, val_data, per_class_iou, show, num_classes) -> dict:
+        from encoder_probe.cache import atomic_write_bytes
+        rows = np.arange(min(show, len(val)))
+        x, masks = val.batch(rows)
+        with torch.no_grad():
+            pred = predict(head, x, val.grid, masks.shape[-2:]).cpu().numpy()
+        atomic_write_bytes(out / "predictions.png", prediction_grid(val_data, val_set.index[rows],
+                                                                    masks.cpu().numpy(), pred, num_classes))
+        table = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in per_class_iou.items())
+        atomic_write_bytes(out / "per_class_iou.csv", table.encode())
+        return {"grid": f"{out.name}/predictions.png", "table": f"{out.name}/per_class_iou.csv"}

@@ -72,19 +72,31 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def pick_dataset(data: dict | None, task: str, default: str) -> tuple[str, str | None]:
+    """(name, root) of the first ``--data`` entry a probe of ``task`` can read; the demo data when none given."""
+    from .data import DATASETS
+    from .errors import DataError
+    if not data:
+        return default, None
+    usable = [k for k in data if DATASETS[k].task == task]
+    if not usable:
+        given = ", ".join(f"{k} ({DATASETS[k].task})" for k in data)
+        raise DataError(f"a {task} probe needs {task} data; --data gave only {given}")
+    return usable[0], data[usable[0]]
+
+
+def last_layers(encoder, k: int) -> list:
+    """The encoder's layer alone (k = 1), or the last k blocks up to it (DINOv2's last-k concatenation)."""
+    last = encoder.layer if encoder.layer != "final" else encoder.layers.available
+    return [encoder.layer] if k == 1 else list(range(last - k + 1, last + 1))
+
+
 def classification_features(encoder, data: dict | None, *, layers, pool, per_class, batch_size, cache=None,
                             progress=True):
     """Train and val FeatureSets of the classification data a suite runs on (default: the demo data)."""
-    from .data import DATASETS, open_dataset
-    from .errors import DataError
+    from .data import open_dataset
     from .features import extract
-    name, root = "imagenet", None
-    if data:
-        labelled = [k for k in data if DATASETS[k].task == "classification"]
-        if not labelled:
-            raise DataError(f"a classification probe needs a labelled dataset; --data gave only "
-                            f"{', '.join(data)} (segmentation data)")
-        name, root = labelled[0], data[labelled[0]]
+    name, root = pick_dataset(data, "classification", default="imagenet")
     options = {"per_class": per_class} if per_class else {}
     train = open_dataset(name, root, "train", **options)
     if hasattr(train, "wnids"):  # an ImageFolder: val labels follow train's class list, by name

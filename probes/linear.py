@@ -17,7 +17,7 @@ import numpy as np
 
 from encoder_probe.errors import SpecError
 from encoder_probe.logreg import LogisticRegression, fit_path
-from encoder_probe.probe import config_from, config_hash, labelled_arrays, summarize
+from encoder_probe.probe import config_from, config_hash, labelled_arrays, last_layers, summarize
 
 NORMALIZE = ("standardize", "l2")
 SOLVERS = ("torch", "sklearn")
@@ -150,10 +150,8 @@ class LinearProbe:
     def run(self, encoder, data, options=None, context=None) -> dict:
         start = time.perf_counter()
         config = LinearConfig.from_options(options)
-        last = encoder.layer if encoder.layer != "final" else encoder.layers.available
-        layers = [encoder.layer] if config.last_layers == 1 else \
-            list(range(last - config.last_layers + 1, last + 1))
-        x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {}, layers)
+        x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {},
+                                              last_layers(encoder, config.last_layers))
         resolved = train.layers
         runs = [run_protocol(x, y, xv, yv, config, seed, train.meta["data"]["num_classes"])
                 for seed in range(config.seeds)]

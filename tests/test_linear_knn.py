@@ -133,7 +133,7 @@ def _run(tmp_path, *args):
     ("unseen_val_class", "classes absent from the train split: zebra"),
     ("empty_split", "split 'val'"),
     ("nan_features", "contain NaN or inf"),
-    ("segmentation_only", "needs a labelled dataset; --data gave only ade20k"),
+    ("segmentation_only", "needs classification data; --data gave only ade20k (segmentation)"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
     data = tmp_path / "data"

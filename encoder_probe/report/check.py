@@ -1,0 +1,111 @@
+"""Regression gate for CI: every baseline metric must hold within its tolerance.
+
+A metric regresses when it falls below ``baseline - tolerance`` (above ``baseline + tolerance``
+when lower is better). A baseline metric that the run lacks (probe failed or absent) counts as
+a regression too: a gate that passes because a probe crashed guards nothing. Baseline and run
+must share the protocol (config hashes), as in ``compare``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from ..errors import DataError, SpecError
+from .compare import require_comparable, run_labels, to_markdown
+from .schema import load_results, load_runs, results_files, validate
+
+EPS = 1e-12  # float slack: 0.79 against 0.80 - 0.01 is not a regression
+CHECK_COLUMNS = ["run", "probe", "metric", "baseline", "value", "delta", "tolerance", "higher_is_better", "status"]
+
+
+def parse_tolerances(items) -> dict[str, float]:
+    """``METRIC=ABS`` items (METRIC: ``probe/metric``, ``metric`` or ``*``) -> {METRIC: ABS}."""
+    if isinstance(items, dict):
+        items = [f"{k}={v}" for k, v in items.items()]
+    tolerances = {}
+    for item in items or []:
+        key, sep, raw = str(item).rpartition("=")  # metric names may hold "=" (top1@k=10)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = None
+        if not sep or not key.strip() or value is None or not value >= 0:
+            raise SpecError(f"--tolerance {item!r}: expected METRIC=ABS with ABS >= 0, e.g. top1=0.01")
+        tolerances[key.strip()] = value
+    return tolerances
+
+
+def tolerance_for(tolerances: dict[str, float], probe: str, metric: str) -> float:
+    """The most specific tolerance: probe/metric, then metric, then *, else 0."""
+    for key in (f"{probe}/{metric}", metric, "*"):
+        if key in tolerances:
+            return tolerances[key]
+    return 0.0
+
+
+@dataclass
+class CheckResult:
+    table: pd.DataFrame
+    unknown_tolerances: list[str]
+    notes: list[str]
+
+    @property
+    def regressions(self) -> pd.DataFrame:
+        return self.table[self.table["status"] != "ok"]
+
+    @property
+    def passed(self) -> bool:
+        return self.regressions.empty
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def to_markdown(self) -> str:
+        shown = self.table.copy()
+        for column in ("baseline", "value", "delta", "tolerance"):
+            shown[column] = [f"{v:.4f}" if isinstance(v, float) and v == v else ("" if v is None else v)
+                             for v in shown[column]]
+        return to_markdown(shown.fillna(""))
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+
+def _check_one(label: str, run: dict, baseline: dict, tolerances: dict) -> list[dict]:
+    rows = []
+    for probe, base in baseline["probes"].items():
+        if base["status"] != "ok":
+            continue
+        current = run["probes"].get(probe, {})
+        for metric, b in base["metrics"].items():
+            tol = tolerance_for(tolerances, probe, metric)
+            m = current.get("metrics", {}).get(metric) if current.get("status") == "ok" else None
+            row = {"run": label, "probe": probe, "metric": metric, "baseline": b["value"], "value": None,
+                   "delta": None, "tolerance": tol, "higher_is_better": b["higher_is_better"], "status": "missing"}
+            if m is not None and m["value"] is not None and b["value"] is not None:
+                worse = m["value"] < b["value"] - tol - EPS if b["higher_is_better"] else \
+                    m["value"] > b["value"] + tol + EPS
+                row.update(value=m["value"], delta=m["value"] - b["value"], status="regression" if worse else "ok")
+            rows.append(row)
+    return rows
+
+
+def check(run, baseline, tolerance=None, *, allow_mixed: bool = False) -> CheckResult:
+    """Check every results.json of ``run`` (file, run dir or record) against ``baseline`` (file or record)."""
+    tolerances = parse_tolerances(tolerance)
+    if isinstance(baseline, dict):
+        base = validate(baseline, baseline.get("_path", "<baseline>"))
+    else:
+        found = results_files(baseline)
+        if len(found) != 1:
+            raise DataError(f"{baseline}: a baseline is one results.json; this holds {len(found)}")
+        base = load_results(found[0])
+    runs = load_runs(run)
+    rows, notes = [], []
+    for label, record in zip(run_labels(runs), runs):
+        notes += require_comparable([base, record], ["baseline", label], allow_mixed)
+        rows += _check_one(label, record, base, tolerances)
+    known = {f"{r['probe']}/{r['metric']}" for r in rows} | {r["metric"] for r in rows} | {"*"}
+    return CheckResult(pd.DataFrame(rows, columns=CHECK_COLUMNS), sorted(set(tolerances) - known), notes)

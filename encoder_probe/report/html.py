@@ -1,0 +1,123 @@
+"""report.md and a self-contained report.html (every picture inlined as a data: URI).
+
+The HTML needs no other file and no network: it can be mailed, attached to a CI run or opened
+from a browser's downloads folder and still show its tables and images.
+"""
+from __future__ import annotations
+
+import base64
+import mimetypes
+import os
+from html import escape
+from pathlib import Path
+
+from .plots import IMAGE_KINDS, artifact_path
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.outside{background:#fff2cc;font-weight:600} td.num{font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0} .note{color:#8a4b00} .failed{color:#b00020}
+code{font-size:12px}
+"""
+
+
+def data_uri(path: Path) -> str:
+    mime = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def _runs_rows(result) -> list[list[str]]:
+    rows = []
+    for label, record in zip(result.labels, result.records):
+        enc = record["encoder"]
+        data = record.get("data") or {}
+        content = ", ".join(f"{name} {(d or {}).get('content_hash', '')[:12]}" for name, d in data.items()
+                            if isinstance(d, dict))
+        env = record.get("env") or {}
+        rows.append([label, enc["spec"], enc.get("source", ""), str(enc.get("layer", "")), str(enc.get("pooling", "")),
+                     f"{enc['n_params']:,}" if isinstance(enc.get("n_params"), int) else "",
+                     enc["fingerprint"][:16], content, f"{env.get('device', '')} {env.get('dtype', '')}".strip(),
+                     record.get("created", "")])
+    return rows
+
+
+RUN_COLUMNS = ["run", "spec", "source", "layer", "pooling", "params", "fingerprint", "data (content hash)",
+               "device", "created"]
+
+
+def _other_artifacts(result, out: Path):
+    """(run, probe, kind, path) of artifacts that are not the side-by-side overlays."""
+    for label, record in zip(result.labels, result.records):
+        for probe, p in record["probes"].items():
+            for kind in (p.get("artifacts") or {}):
+                if kind == "overlay":
+                    continue
+                path = artifact_path(record, probe, kind)
+                if path is not None:
+                    yield label, probe, kind, path
+
+
+def markdown_report(result, images: dict[str, Path], out: Path) -> str:
+    from .compare import to_markdown
+    import pandas as pd
+    lines = ["# encoder-probe comparison", "", "## Runs", "",
+             to_markdown(pd.DataFrame(_runs_rows(result), columns=RUN_COLUMNS))]
+    lines += [f"> {note}" for note in result.notes]
+    lines += ["## Metrics", "", "Value [95% CI]; Δ against the first run; *outside noise* = the CIs do not overlap.",
+              "", to_markdown(result.wide)]
+    if result.failures:
+        lines += ["## Failed probes", ""] + [f"- {run} / {probe}: `{error}`" for run, probe, error in result.failures]
+        lines.append("")
+    for title, path in images.items():
+        lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    others = list(_other_artifacts(result, out))
+    if others:
+        lines += ["## Artifacts", ""]
+        lines += [f"- {run} / {probe}: [{kind}]({os.path.relpath(path, out)})" for run, probe, kind, path in others]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(columns, rows, classes=None) -> str:
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(f"<td class=\"{(classes or {}).get((i, j), '')}\">{escape(str(v))}</td>"
+                        for j, v in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def html_report(result, images: dict[str, Path], out: Path) -> str:
+    """The whole report as one HTML string; images inline, artifacts that are not pictures as links."""
+    wide = result.wide
+    classes = {(i, j): "num outside" if "outside noise" in str(v) else "num"
+               for i, row in enumerate(wide.itertuples(index=False)) for j, v in enumerate(row) if j >= 2}
+    parts = ["<!doctype html><html><head><meta charset=\"utf-8\"><title>encoder-probe comparison</title>",
+             f"<style>{STYLE}</style></head><body>", "<h1>encoder-probe comparison</h1>",
+             "<h2>Runs</h2>", _html_table(RUN_COLUMNS, _runs_rows(result))]
+    parts += [f"<p class=\"note\">{escape(note)}</p>" for note in result.notes]
+    parts += ["<h2>Metrics</h2>",
+              "<p>Value [95% CI]; Δ against the first run; highlighted = outside the noise "
+              "(the two CIs do not overlap).</p>",
+              _html_table(list(wide.columns), [list(r) for r in wide.itertuples(index=False)], classes)]
+    if result.failures:
+        parts.append("<h2>Failed probes</h2><ul>")
+        parts += [f"<li class=\"failed\">{escape(run)} / {escape(probe)}: <code>{escape(error)}</code></li>"
+                  for run, probe, error in result.failures]
+        parts.append("</ul>")
+    for title, path in images.items():
+        parts += [f"<h2>{escape(title)}</h2>", f"<img alt=\"{escape(title)}\" src=\"{data_uri(path)}\">"]
+    others = list(_other_artifacts(result, out))
+    if others:
+        parts.append("<h2>Artifacts</h2>")
+        for run, probe, kind, path in others:
+            if kind in IMAGE_KINDS and path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                parts += [f"<h3>{escape(run)} / {escape(probe)}: {escape(kind)}</h3>",
+                          f"<img alt=\"{escape(f'{run} {probe} {kind}')}\" src=\"{data_uri(path)}\">"]
+            else:
+                href = escape(os.path.relpath(path, out))
+                parts.append(f"<p>{escape(run)} / {escape(probe)}: <a href=\"{href}\">{escape(kind)}</a></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,159 @@
+"""The results.json schema (versioned) and its validation.
+
+Everything a report shows comes from these files, so a malformed one stops a report in one
+line that names the file and the field, before anything is written.
+
+Version 2 (written by the runner)::
+
+    schema_version  2
+    created         ISO time (UTC)
+    encoder         {spec, source, fingerprint, layer, pooling, n_params}
+    data            {dataset name: {root, splits: {split: size}, content_hash}}
+    options         the suite's shared probe options (seeds, per_class, solver, pool, ...)
+    probes          {name: {status: "ok", metrics: {metric: {value, values, ci95?, higher_is_better}},
+                            data, config, config_hash, wall_s, artifacts?: {kind: relative path}, ...}
+                     | {status: "failed", error, traceback, wall_s}}
+    config_hashes   {probe: config_hash}
+    env             {python, packages: {name: version}, device, dtype}
+    timings         {load_s, probes_s: {probe: s}, total_s}
+
+Version 1 files (no data/env/timings blocks) still read: the report only needs encoder.spec,
+encoder.fingerprint and probes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import DataError
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STATUSES = ("ok", "failed")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_metric(where: str, metric) -> None:
+    if not isinstance(metric, dict):
+        raise ValueError(f"{where}: must be an object with 'value' and 'higher_is_better'")
+    if "value" not in metric or not (_number(metric["value"]) or metric["value"] is None):
+        raise ValueError(f"{where}.value: must be a number")
+    if _number(metric["value"]) and not math.isfinite(metric["value"]):
+        raise ValueError(f"{where}.value: must be finite, got {metric['value']}")
+    if not isinstance(metric.get("higher_is_better"), bool):
+        raise ValueError(f"{where}.higher_is_better: must be true or false")
+    ci = metric.get("ci95")
+    if ci is not None:
+        if not (isinstance(ci, list) and len(ci) == 2 and all(_number(c) for c in ci) and ci[0] <= ci[1]):
+            raise ValueError(f"{where}.ci95: must be [low, high] with low <= high, got {ci!r}")
+    values = metric.get("values")
+    if values is not None and not (isinstance(values, list) and all(_number(v) for v in values)):
+        raise ValueError(f"{where}.values: must be a list of numbers")
+
+
+def check_probe(name: str, probe) -> None:
+    where = f"probes.{name}"
+    if not isinstance(probe, dict):
+        raise ValueError(f"{where}: must be an object")
+    if probe.get("status") not in STATUSES:
+        raise ValueError(f"{where}.status: must be one of {', '.join(STATUSES)}, got {probe.get('status')!r}")
+    if probe["status"] == "failed":
+        if not isinstance(probe.get("error"), str):
+            raise ValueError(f"{where}.error: a failed probe must say why (a string)")
+        return
+    if not isinstance(probe.get("metrics"), dict):
+        raise ValueError(f"{where}.metrics: must be an object of metrics")
+    for metric, value in probe["metrics"].items():
+        _check_metric(f"{where}.metrics.{metric}", value)
+    if "config" in probe and not isinstance(probe["config"], dict):
+        raise ValueError(f"{where}.config: must be an object")
+    if "config_hash" in probe and not isinstance(probe["config_hash"], str):
+        raise ValueError(f"{where}.config_hash: must be a string")
+    artifacts = probe.get("artifacts", {})
+    if not (isinstance(artifacts, dict) and all(isinstance(v, str) for v in artifacts.values())):
+        raise ValueError(f"{where}.artifacts: must map kind -> relative path")
+    bad = [v for v in artifacts.values() if Path(v).is_absolute() or ".." in Path(v).parts]
+    if bad:
+        raise ValueError(f"{where}.artifacts: paths must be relative to the results.json dir, got {bad[0]!r}")
+
+
+def check_record(record) -> None:
+    """Raise ValueError naming the first field that breaks the schema."""
+    if not isinstance(record, dict):
+        raise ValueError("top level must be an object")
+    version = record.get("schema_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"schema_version: {version!r} is not one this version reads "
+                         f"({', '.join(map(str, READABLE_VERSIONS))})")
+    encoder = record.get("encoder")
+    if not isinstance(encoder, dict):
+        raise ValueError("encoder: missing (an object with spec and fingerprint)")
+    for key in ("spec", "fingerprint"):
+        if not isinstance(encoder.get(key), str) or not encoder[key]:
+            raise ValueError(f"encoder.{key}: must be a non-empty string")
+    probes = record.get("probes")
+    if not isinstance(probes, dict):
+        raise ValueError("probes: missing (an object of probe results)")
+    for name, probe in probes.items():
+        check_probe(name, probe)
+    for block in ("data", "env", "timings", "options", "config_hashes"):
+        if block in record and not isinstance(record[block], dict):
+            raise ValueError(f"{block}: must be an object")
+
+
+def validate(record, path="results.json") -> dict:
+    """The record, or DataError '<path>: <field>: <problem>'."""
+    try:
+        check_record(record)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    return record
+
+
+def load_results(path: str | Path) -> dict:
+    """Read and validate one results.json; the record gets ``_path`` (where it was read from)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    validate(record, path)
+    record["_path"] = str(path)
+    return record
+
+
+def results_files(run: str | Path) -> list[Path]:
+    """RUN = a results.json, or a run dir holding ``*/results.json`` (or a results.json itself)."""
+    run = Path(run)
+    if run.is_file():
+        return [run]
+    if run.is_dir():
+        found = sorted(run.glob("*/results.json")) or ([run / "results.json"] if (run / "results.json").is_file()
+                                                       else [])
+        if not found:
+            raise DataError(f"{run}: no results.json in it or in its subdirectories")
+        return found
+    raise DataError(f"{run}: no such file or directory")
+
+
+def load_runs(runs) -> list[dict]:
+    """Every results.json that the RUN arguments name, validated, in argument order."""
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    records = []
+    for run in runs:
+        if isinstance(run, dict):
+            records.append(validate(run, run.get("_path", "<record>")))
+        else:
+            records += [load_results(f) for f in results_files(run)]
+    if not records:
+        raise DataError("no results to read")
+    return records

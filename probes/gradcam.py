@@ -1,0 +1,300 @@
+"""`gradcam`: gradient maps on the token grid, their raw magnitudes, and how well they localise.
+
+Targets (``target``; "auto" picks mllm > text > head):
+
+- ``head``: the logit of the image's class under a linear head on the pooled tokens of the
+  encoder's layer, fitted here on the classification data (sklearn's objective, C=``C``, on
+  standardised features; the demo data by default). Images whose class the head does not know
+  (real-masks photos) use the head's predicted class, scored against all object pixels.
+- ``text``: cosine similarity of the tower's own image embedding with "a photo of a {class}."
+  (open_clip, HF CLIP / SigLIP dual-tower dirs).
+- ``mllm``: for PIVOT trainer checkpoints, the answer log-likelihood, SFT or DPO loss of the
+  demo VQA records, attributed to the projector output (the PIVOT map).
+
+Methods: gradcam, gradient-norm (PIVOT), grad-x-act, all from one batched forward/backward
+(:mod:`encoder_probe.attribution`). Localisation (pointing game, energy in mask) against the
+object masks of the segmentation data (the demo scenes by default; ``--data real-masks``).
+Writes ``maps.npz`` (raw maps, per-image magnitudes, classes, scores) and ``overlay.png``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder_probe.attribution import METHODS, token_gradients
+from encoder_probe.cache import atomic_write_bytes
+from encoder_probe.errors import DataError, SpecError
+from encoder_probe.localization import chance, object_masks, scores
+from encoder_probe.probe import artifact_dir, config_from, config_hash, pick_dataset, summarize
+
+TARGETS = ("auto", "head", "text", "mllm")
+
+
+@dataclass
+class GradCAMConfig:
+    target: str = "auto"
+    methods: list = field(default_factory=lambda: list(METHODS))
+    limit: int | None = 60  # images (mllm: records) mapped and scored
+    batch_size: int = 16
+    pool: str = "mean"  # head target: pooling the head reads
+    C: float = 1.0  # head target: inverse regularisation of the fitted head
+    classifier: str = "fit"  # head target: "fit" a head here, or the "model"'s own classifier (ImageNet models)
+    per_class: int | None = None  # head target: train images per class for the fit
+    prompt: str = "a photo of a {}."  # text target
+    loss: str = "sft"  # mllm target: logprob | sft | dpo
+    beta: float = 0.1  # mllm target, dpo
+    dpo_reference: str | None = None  # mllm target, dpo: reference checkpoint (default: the model itself)
+    tolerance: int = 0  # pointing game: pixels of slack around the mask
+    overlay_rows: int = 8
+    device: str | None = None
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "GradCAMConfig":
+        config = config_from(cls, options)
+        if isinstance(config.methods, str):
+            config.methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+        unknown = [m for m in config.methods if m not in METHODS]
+        if unknown or not config.methods:
+            raise SpecError(f"gradcam: unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
+        if config.target not in TARGETS:
+            raise SpecError(f"gradcam: target must be one of {', '.join(TARGETS)}, got {config.target!r}")
+        if config.batch_size < 1 or (config.limit is not None and config.limit < 1) or config.tolerance < 0:
+            raise SpecError("gradcam: need batch_size >= 1, limit >= 1 (or null) and tolerance >= 0")
+        if config.classifier not in ("fit", "model"):
+            raise SpecError(f"gradcam: classifier must be 'fit' or 'model', got {config.classifier!r}")
+        if "{}" not in config.prompt:
+            raise SpecError(f"gradcam: prompt must contain '{{}}' for the class name, got {config.prompt!r}")
+        return config
+
+
+# -- the items a run maps ------------------------------------------------------------------------
+def _checkpoint_dir(encoder) -> Path | None:
+    from encoder_probe.pivot.model import is_mllm_checkpoint
+    path = Path(encoder.spec.removeprefix("pivot:"))
+    return path if is_mllm_checkpoint(path) else None
+
+
+def _mask_dataset(data, preprocess, limit):
+    from encoder_probe.data import open_dataset
+    name, root = pick_dataset(data, "segmentation", default="ade20k")
+    dataset = open_dataset(name, root, "val").with_transform(preprocess)
+    return dataset, range(min(len(dataset), limit or len(dataset)))
+
+
+def _dominant(mask: torch.Tensor) -> int:
+    """The most frequent object label of a train-id mask (-1 when it has none)."""
+    labels = mask[(mask != 0) & (mask != 255)].long()
+    return int(labels.bincount().argmax()) if labels.numel() else -1
+
+
+def _vqa_items(preprocess, limit):
+    """Demo VQA val records with their scenes' masks, through the tower's own preprocessing."""
+    from encoder_probe.data import open_dataset
+    from encoder_probe.data.demo import demo_data
+    root = demo_data()
+    scenes = json.loads((root / "manifest.json").read_text())["scenes"]["val"]
+    stem_of = {s["image"]: s["stem"] for s in scenes}
+    dataset = open_dataset("ade20k", root / "ade20k", "val").with_transform(preprocess)
+    row_of = {s.path.stem: i for i, s in enumerate(dataset.samples)}
+    lines = (root / "vqa" / "val.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()][:limit or None]
+    return dataset, [(row_of[stem_of[r["image"]]], r) for r in records]
+
+
+# -- targets -----------------------------------------------------------------------------------------
+def _fit_head(encoder, data, config, context):
+    """A logistic head on standardised pooled features of the classification data."""
+    from encoder_probe.data import DATASETS
+    from encoder_probe.logreg import LogisticRegression
+    from encoder_probe.probe import labelled_arrays
+    from encoder_probe.targets import HeadTarget
+    labelled = {k: v for k, v in (data or {}).items() if DATASETS[k].task == "classification"} or None
+    x, y, xv, yv, train = labelled_arrays(encoder, labelled, config, context)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=config.C, device=config.device, n_classes=len(train.class_names))
+    clf.fit((x - mean) / std, y)
+    head = HeadTarget(encoder, clf.coef_.cpu().numpy(), clf.intercept_.cpu().numpy(), pool=config.pool,
+                      mean=mean, std=std, class_names=train.class_names)
+    info = {"fitted_on": train.meta["data"]["root"], "train": len(y), "C": config.C,
+            "val_top1": clf.score((xv - mean) / std, yv), "classes": train.class_names}
+    return head, info
+
+
+def _model_head(encoder):
+    """The model's own classifier (timm ``get_classifier()``, torchvision ``classifier``/``fc``) on its pooled
+    final tokens: Grad-CAM of a pretrained model's own prediction."""
+    from encoder_probe.targets import HeadTarget
+    module = encoder.module
+    linear = module.get_classifier() if hasattr(module, "get_classifier") else \
+        getattr(module, "classifier", None) or getattr(module, "fc", None)
+    if isinstance(linear, torch.nn.Sequential):
+        linear = next((m for m in reversed(linear) if isinstance(m, torch.nn.Linear)), None)
+    if not isinstance(linear, torch.nn.Linear) or encoder.layer != "final":
+        raise SpecError(f"{encoder.spec}: classifier 'model' needs a model with its own linear classifier "
+                        f"read at layer 'final' (got {type(linear).__name__} at layer {encoder.layer})")
+    bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
+    head = HeadTarget(encoder, linear.weight.detach().float().cpu(), bias.float().cpu(), pool="head")
+    return head, {"classifier": "the model's own", "classes": linear.out_features}
+
+
+def _resolve_target(encoder, config) -> str:
+    from encoder_probe.targets import has_text_tower
+    if config.target != "auto":
+        return config.target
+    if _checkpoint_dir(encoder) is not None:
+        return "mllm"
+    return "text" if has_text_tower(encoder) else "head"
+
+
+class GradCAMProbe:
+    name = "gradcam"
+    needs = ("masks",)
+
+    def run(self, encoder, data, options=None, context=None) -> dict:
+        start = time.perf_counter()
+        context = context or {}
+        config = GradCAMConfig.from_options(options)
+        kind = _resolve_target(encoder, config)
+        extra = {}
+        if kind == "mllm":
+            from encoder_probe.pivot.model import load_mllm
+            from encoder_probe.targets import MLLMTarget
+            path = _checkpoint_dir(encoder)
+            if path is None:
+                raise SpecError(f"{encoder.spec}: target 'mllm' needs a PIVOT trainer checkpoint dir")
+            if data:
+                extra["note"] = "target mllm maps the demo VQA records; --data was not read"
+            mllm = load_mllm(path, device=encoder.device, dtype=encoder.dtype)
+            reference = load_mllm(config.dpo_reference, device=encoder.device, dtype=encoder.dtype) \
+                if config.dpo_reference and config.loss == "dpo" else None
+            target = MLLMTarget(mllm, config.loss, beta=config.beta, reference=reference)
+            dataset, items = _vqa_items(mllm.encoder.preprocess, config.limit)
+            extra["loss"] = config.loss
+        else:
+            dataset, rows = _mask_dataset(data, encoder.preprocess, config.limit)
+            items = list(rows)
+            if kind == "head":
+                target, extra["head"] = _model_head(encoder) if config.classifier == "model" else \
+                    _fit_head(encoder, data, config, context)
+            elif kind == "text":
+                from encoder_probe.targets import TextTarget
+                names = dataset.class_names
+                target = TextTarget(encoder, [config.prompt.format(n) for n in names])
+            else:
+                raise SpecError(f"gradcam: unknown target {kind!r}")
+        result = _map_all(encoder, dataset, items, target, kind, config, context.get("progress", True))
+        used = {**asdict(config), "target": kind, "layer": encoder.layer}
+        out = {
+            "metrics": {f"{score}@{m}": summarize([float(np.nanmean(result["scores"][m][score]))])
+                        for m in config.methods for score in ("pointing_game", "energy_in_mask")},
+            "baseline": {"mask_fraction": float(np.mean(result["chance"])),
+                         "note": "a uniform map's energy_in_mask, and a random point's pointing-game hit rate"},
+            "magnitudes": {m: {"mean_l1": float(result["magnitude"][m][:, 0].mean()),
+                               "mean_max": float(result["magnitude"][m][:, 1].mean())} for m in config.methods},
+            "data": {"images": len(items), "root": str(dataset.root), "grid": list(result["grid"])},
+            "target": {"kind": kind, **extra},
+            "config": used, "config_hash": config_hash(used),
+        }
+        folder = artifact_dir(encoder, context, self.name)
+        if folder is not None:
+            out["artifacts"] = _write_artifacts(folder, result, dataset, encoder, config)
+        out["wall_s"] = round(time.perf_counter() - start, 3)
+        return out
+
+
+def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
+    """Maps, magnitudes and localisation scores of every item, batch by batch."""
+    from tqdm.auto import tqdm
+    maps = {m: [] for m in config.methods}
+    per = {m: {"pointing_game": [], "energy_in_mask": []} for m in config.methods}
+    keep = {"index": [], "classes": [], "chance": [], "images": [], "inside": [], "labels": []}
+    grid = None
+    batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
+    for batch in tqdm(batches, desc=f"gradcam {kind}", unit="batch", disable=not progress or None):
+        index = [it[0] if kind == "mllm" else it for it in batch]
+        samples = [dataset[i] for i in index]
+        bad = [s for s in samples if not isinstance(s, dict)]
+        if bad:
+            raise DataError(f"{bad[0].path}: {bad[0].reason}")
+        pixels = torch.stack([s["pixels"] for s in samples]).to(encoder.device if kind != "mllm" else
+                                                                   target.mllm.encoder.device)
+        masks = torch.stack([s["mask"] for s in samples])
+        mask_class = torch.tensor([_dominant(m) for m in masks])
+        rows, classes = _rows(target, kind, batch, dataset, mask_class, pixels)
+        act, grad = token_gradients(target, pixels, rows)
+        if not grad.any():
+            raise SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} no "
+                            "gradient (the score reads only prefix tokens, e.g. a CLS-pooled embedding); "
+                            "pick another layer, pool or target")
+        out = {m: METHODS[m].from_gradients(act, grad) for m in config.methods}
+        inside, valid = object_masks(masks, classes)
+        grid = tuple(next(iter(out.values())).shape[-2:])
+        for m, values in out.items():
+            values = values.cpu()
+            maps[m].append(values)
+            for name, v in scores(values, inside, valid, config.tolerance).items():
+                per[m][name].append(v)
+        keep["index"] += index
+        keep["classes"].append(classes)
+        keep["chance"].append(chance(inside, valid))
+        if len(keep["images"]) < config.overlay_rows:
+            room = config.overlay_rows - len(keep["images"])
+            keep["images"] += [s["pixels"] for s in samples][:room]
+            keep["inside"].append(inside[:room])
+            keep["labels"] += _labels(target, kind, rows)[:room]
+    maps = {m: torch.cat(v).numpy() for m, v in maps.items()}
+    return {"maps": maps, "grid": grid, "index": np.array(keep["index"]),
+            "classes": torch.cat(keep["classes"]).numpy(), "chance": torch.cat(keep["chance"]).numpy(),
+            "scores": {m: {k: torch.cat(v).numpy() for k, v in s.items()} for m, s in per.items()},
+            "magnitude": {m: np.stack([np.abs(v).sum((1, 2)), np.abs(v).max((1, 2))], 1) for m, v in maps.items()},
+            "images": torch.stack(keep["images"]), "labels": keep["labels"],
+            "inside": torch.cat(keep["inside"]).numpy()}
+
+
+def _rows(target, kind, batch, dataset, mask_class, pixels):
+    """What each image's score selects, and the mask class it is scored against (-1: any object)."""
+    if kind == "mllm":
+        return [it[1] for it in batch], torch.full_like(mask_class, -1)
+    if kind == "text":
+        return mask_class.clamp(min=0), mask_class
+    known = {name: i for i, name in enumerate(target.class_names)}
+    names = [dataset.class_names[c] if c >= 0 else None for c in mask_class.tolist()]
+    predicted = target.predict(pixels).cpu()
+    rows = torch.tensor([known.get(n, int(p)) for n, p in zip(names, predicted)])
+    classes = torch.tensor([c if n in known else -1 for c, n in zip(mask_class.tolist(), names)])
+    return rows, classes
+
+
+def _labels(target, kind, rows) -> list[str]:
+    """Row labels of the overlay: the class or text scored, or the VQA record."""
+    if kind == "mllm":
+        return [f"{r['question'][:28]} {r['chosen']}" for r in rows]
+    names = target.texts if kind == "text" else target.class_names
+    return [names[int(r)][:32] for r in rows]
+
+
+def _write_artifacts(folder: Path, result: dict, dataset, encoder, config) -> dict:
+    from encoder_probe.overlay import denormalize, overlay_grid
+    images = denormalize(result["images"], encoder.preprocess.mean, encoder.preprocess.std)
+    arrays = {"index": result["index"], "classes": result["classes"], "chance": result["chance"],
+              "images": (images * 255).round().astype(np.uint8), "inside": result["inside"],
+              "class_names": np.array(dataset.class_names)}
+    for m in config.methods:
+        arrays[f"map/{m}"] = result["maps"][m]
+        arrays[f"magnitude/{m}"] = result["magnitude"][m]  # (N, 2): L1 sum, max of the raw map
+        for name, v in result["scores"][m].items():
+            arrays[f"{name}/{m}"] = v
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(folder / "maps.npz", buffer.getvalue())
+    n = len(images)
+    overlay_grid(images, {m: result["maps"][m][:n] for m in config.methods}, folder / "overlay.png",
+                 masks=result["inside"], row_labels=result["labels"])
+    rel = folder.name
+    return {"maps": f"{rel}/maps.npz", "overlay": f"{rel}/overlay.png"}

@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install install-test clean fashion-mnist
+.PHONY: demo test install install-test clean fashion-mnist chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,18 @@ fashion-mnist:
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@$(MAKE) --no-print-directory chromium
 	touch $@
+
+# Headless Chromium for the report.html check (tests/test_report.py), from Debian where apt-get works.
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || [ "$(SUDO)" = none ]; then \
+	  echo "chromium: no apt-get here (or no root); the report.html browser check is skipped"; exit 0; fi; \
+	$(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	{ $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+	echo "chromium: apt-get install chromium failed; the report.html browser check is skipped"
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -146,16 +146,50 @@ def cmd_run(args) -> int:
     from .runner import run_suite
 
     data = _parse_data(args.data)
-    options = {"per_class": args.per_class, "solver": args.solver, "pool": args.pool, **_parse_options(args.option)}
+    options = {"per_class": args.per_class, "solver": args.solver, "pool": args.pool, "head": args.head,
+               **_parse_options(args.option)}
+    if args.reference:  # the align probe's reference encoders
+        options["reference"] = args.reference
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
                         seeds=args.seeds, options={k: v for k, v in options.items() if v is not None},
                         **_load_options(args))
-    failed = [(r["encoder"]["spec"], name) for r in results for name, p in r["probes"].items()
+    failed = [(r["encoder"]["spec"], name, p.get("error", "")) for r in results for name, p in r["probes"].items()
               if p["status"] != "ok"]
-    for spec, name in failed:
-        print(f"probe {name} failed on {spec}", file=sys.stderr)
+    for spec, name, error in failed:
+        print(f"probe {name} failed on {spec}: {error}", file=sys.stderr)
     print(f"results in {args.out}")
     return 1 if failed else 0
+
+
+def cmd_compare(args) -> int:
+    from .report import compare
+
+    result = compare(args.runs, args.out, allow_mixed=args.allow_mixed)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(result.files["table.md"].read_text(), end="")
+    for run, probe, error in result.failures:
+        print(f"probe {probe} failed on {run}: {error}", file=sys.stderr)
+    print(f"report in {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .report import check
+
+    result = check(args.run, args.baseline, args.tolerance, allow_mixed=args.allow_mixed)
+    print(result.to_markdown(), end="")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for key in result.unknown_tolerances:
+        print(f"warning: --tolerance {key}: no such metric in the baseline", file=sys.stderr)
+    bad = result.regressions
+    if len(bad):
+        print(f"{len(bad)} metric(s) regressed or missing: "
+              + ", ".join(f"{r.probe}/{r.metric} ({r.status})" for r in bad.itertuples()), file=sys.stderr)
+    else:
+        print(f"all {len(result.table)} baseline metrics hold")
+    return result.exit_code
 
 
 def cmd_demo(args) -> int:
@@ -199,6 +233,8 @@ def cmd_demo(args) -> int:
 
     from . import walkthrough
     walkthrough.run(root / "features")
+    from .pivot.demo import run_pivot_demo
+    run_pivot_demo(root / "pivot-trainer", cache=root / "features")
     return 0
 
 
@@ -253,14 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, help="K train/val images per class (few-shot subsets)")
     p.add_argument("--solver", choices=["torch", "sklearn"], help="linear probe solver (sklearn = the CLIP recipe)")
     p.add_argument("--pool", help="pooling of the classification probes: cls, mean, cls+mean, head")
+    p.add_argument("--head", choices=["linear", "mlp"], help="segmentation head of the seg probe (default linear)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a probe option, repeatable (e.g. head=mlp, reference=SPEC); each probe takes the keys it knows")
+    p.add_argument("--reference", action="append", metavar="SPEC",
+                   help="a reference encoder for the align probe (repeatable), e.g. the tower before SFT/DPO")
     loading(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="side-by-side report of runs: table (CSV, Markdown), plots, report.html")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a results.json, or a run dir holding */results.json")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--allow-mixed", action="store_true", help="compare results run with different probe settings")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("check", help="regression gate: exit 1 when a metric falls below baseline - tolerance")
+    p.add_argument("run", metavar="RUN", help="a results.json, or a run dir holding */results.json")
+    p.add_argument("--baseline", required=True, help="the baseline results.json")
+    p.add_argument("--tolerance", action="append", metavar="METRIC=ABS",
+                   help="allowed drop, repeatable; METRIC is probe/metric, metric or * (default 0)")
+    p.add_argument("--allow-mixed", action="store_true", help="check against a baseline run with other settings")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="the built-in demo (no data or network needed)")
     p.add_argument("--out", default=".cache/demo")
     p.set_defaults(func=cmd_demo)
+    from .pivot.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 

@@ -110,7 +110,7 @@ def test_run_records_a_failing_probe_and_keeps_going(tmp_path, capsys):
             pixels = torch.zeros(1, 3, *encoder.preprocess.size)
             with torch.no_grad():
                 value = encoder.pool(encoder.forward_tokens(pixels), "mean").norm().item()
-            return {"metrics": {"mean_norm": {"value": value}}}
+            return {"metrics": {"mean_norm": {"value": value, "higher_is_better": True}}}
 
     class Broken:
         def run(self, encoder, data, config, context):

@@ -193,7 +193,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Until the demo data and probes land: tiny checkpoints of each layout, tokens of generated images."""
+    """Tiny checkpoints of every layout, the demo data's features, real weights vs random twins on real data
+    (probes, Grad-CAM, localisation), the PIVOT toy (base / SFT / DPO), and the comparison reports."""
     import torch
     from . import toy
     from .encoders import load_encoder
@@ -232,9 +233,12 @@ def cmd_demo(args) -> int:
               f"pooled {features.pooled('cls').shape}{extra} -> {features.path}")
 
     from . import walkthrough
-    walkthrough.run(root / "features")
-    from .pivot.demo import run_pivot_demo
-    run_pivot_demo(root / "pivot-trainer", cache=root / "features")
+    reports = walkthrough.run(root / "features", root)
+    from .pivot.demo import pivot_report, run_pivot_demo
+    reports.append(pivot_report(run_pivot_demo(root / "pivot-trainer", cache=root / "features"), root / "report-pivot"))
+    print("\nComparison reports (tables, CI bars, gradient maps side by side; self-contained HTML):")
+    for report in reports:
+        print(f"  {report}")
     return 0
 
 

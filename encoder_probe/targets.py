@@ -51,6 +51,22 @@ class HeadTarget:
             return self.logits(self.tokens(pixels)).argmax(1)
 
 
+def own_classifier(encoder) -> tuple[HeadTarget, dict]:
+    """The model's own classifier (timm ``get_classifier()``, torchvision ``classifier``/``fc``) on its pooled
+    final tokens: Grad-CAM of a pretrained model's own prediction."""
+    module = encoder.module
+    linear = module.get_classifier() if hasattr(module, "get_classifier") else \
+        getattr(module, "classifier", None) or getattr(module, "fc", None)
+    if isinstance(linear, torch.nn.Sequential):
+        linear = next((m for m in reversed(linear) if isinstance(m, torch.nn.Linear)), None)
+    if not isinstance(linear, torch.nn.Linear) or encoder.layer != "final":
+        raise SpecError(f"{encoder.spec}: classifier 'model' needs a model with its own linear classifier "
+                        f"read at layer 'final' (got {type(linear).__name__} at layer {encoder.layer})")
+    bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
+    head = HeadTarget(encoder, linear.weight.detach().float().cpu(), bias.float().cpu(), pool="head")
+    return head, {"classifier": "the model's own", "classes": linear.out_features}
+
+
 class TextTarget:
     """Cosine similarity of the tower's own image embedding (pool "head", final tokens) with a text.
 

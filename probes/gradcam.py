@@ -126,23 +126,6 @@ def _fit_head(encoder, data, config, context):
     return head, info
 
 
-def _model_head(encoder):
-    """The model's own classifier (timm ``get_classifier()``, torchvision ``classifier``/``fc``) on its pooled
-    final tokens: Grad-CAM of a pretrained model's own prediction."""
-    from encoder_probe.targets import HeadTarget
-    module = encoder.module
-    linear = module.get_classifier() if hasattr(module, "get_classifier") else \
-        getattr(module, "classifier", None) or getattr(module, "fc", None)
-    if isinstance(linear, torch.nn.Sequential):
-        linear = next((m for m in reversed(linear) if isinstance(m, torch.nn.Linear)), None)
-    if not isinstance(linear, torch.nn.Linear) or encoder.layer != "final":
-        raise SpecError(f"{encoder.spec}: classifier 'model' needs a model with its own linear classifier "
-                        f"read at layer 'final' (got {type(linear).__name__} at layer {encoder.layer})")
-    bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
-    head = HeadTarget(encoder, linear.weight.detach().float().cpu(), bias.float().cpu(), pool="head")
-    return head, {"classifier": "the model's own", "classes": linear.out_features}
-
-
 def _resolve_target(encoder, config) -> str:
     from encoder_probe.targets import has_text_tower
     if config.target != "auto":
@@ -180,7 +163,8 @@ class GradCAMProbe:
             dataset, rows = _mask_dataset(data, encoder.preprocess, config.limit)
             items = list(rows)
             if kind == "head":
-                target, extra["head"] = _model_head(encoder) if config.classifier == "model" else \
+                from encoder_probe.targets import own_classifier
+                target, extra["head"] = own_classifier(encoder) if config.classifier == "model" else \
                     _fit_head(encoder, data, config, context)
             elif kind == "text":
                 from encoder_probe.targets import TextTarget

@@ -372,12 +372,12 @@ def test_gradient_x_activation_is_signed_and_gradcam_is_not():
 
 
 def test_model_classifier_head_is_the_models_own_logits(hf_towers):
-    from probes.gradcam import _model_head
+    from encoder_probe.targets import own_classifier
     enc = load_encoder("timm:test_vit3")
-    head, info = _model_head(enc)
+    head, info = own_classifier(enc)
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(head.logits(head.tokens(x)), enc.module(x), rtol=1e-4, atol=1e-5)
     assert info["classes"] == enc.module.head.out_features
     with pytest.raises(SpecError, match="own linear classifier"):
-        _model_head(load_encoder(f"hf:{hf_towers['siglip'][2]}"))
+        own_classifier(load_encoder(f"hf:{hf_towers['siglip'][2]}"))

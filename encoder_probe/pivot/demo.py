@@ -16,9 +16,10 @@ from .train import TrainConfig, train
 # 64 px, patch 8: an 8x8 token grid the CPU trains in seconds; SigLIP-style (no CLS, mean 0.5)
 DEMO_TOWER = dict(image_size=64, patch_size=8, num_hidden_layers=3)
 DEMO_PAIRS = 128
-DEMO_SUITE = "imagenet,knn"
+DEMO_SUITE = "imagenet,knn,gradcam"  # gradcam on a trainer checkpoint = the PIVOT map of the demo VQA records
 DEMO_PER_CLASS = 12  # images per class for the probes (the demo data has 40 train / 10 val)
 SHOWN = ("loss", "reward_accuracy", "margin")  # last training step of each run
+SUITE_SHOWN = ("top1", "top1@k=10", "pointing_game@gradient-norm", "energy_in_mask@gradient-norm")
 
 
 def _last_row(run: Path) -> dict:
@@ -56,16 +57,25 @@ def run_pivot_demo(out, cache=None, *, suite: str = DEMO_SUITE, pairs: int = DEM
         print(f"  {name:<6}{'pretrain' if name == 'base' else name:<10}" + "".join(cells))
     results = {}
     for name, run in models.items():
-        record, = run_suite([str(run)], suite, out / "results", options={"per_class": per_class}, cache=cache)
+        record, = run_suite([str(run)], suite, out / "results", options={"per_class": per_class, "limit": 24},
+                            cache=cache, progress=False)
         results[name] = out / "results" / record["encoder"]["fingerprint"][:16]
     print(f"\n  suite {suite} on the towers ({per_class} images per class):")
-    metrics = sorted({m for r in _records(results) for p in r["probes"].values() for m in p.get("metrics", {})})
-    print(f"  {'tower':<6}" + "".join(f"{m:>14}" for m in metrics))
+    metrics = [m for m in SUITE_SHOWN if any(m in p.get("metrics", {}) for r in _records(results)
+                                             for p in r["probes"].values())]
+    print(f"  {'tower':<6}" + "".join(f"{m:>30}" for m in metrics))
     for name, record in zip(results, _records(results)):
         values = {m: p["metrics"][m]["value"] for p in record["probes"].values() for m in p.get("metrics", {})}
-        print(f"  {name:<6}" + "".join(f"{values[m]:>14.3f}" if m in values else f"{'-':>14}" for m in metrics))
+        print(f"  {name:<6}" + "".join(f"{values[m]:>30.3f}" if m in values else f"{'-':>30}" for m in metrics))
+    print("  (all metrics, with the other map methods, in the comparison report)")
     print(f"\n  checkpoints in {out / 'models'} (probe inspect {models['dpo']}); results in {out / 'results'}")
     return results
+
+
+def pivot_report(results: dict[str, Path], out) -> Path:
+    """The base / SFT / DPO comparison report (base is the reference column)."""
+    from ..report import compare
+    return compare(list(results.values()), out).files["report.html"]
 
 
 def _records(results: dict[str, Path]) -> list[dict]:

@@ -108,6 +108,33 @@ def _vqa_items(preprocess, limit):
 
 
 # -- targets -----------------------------------------------------------------------------------------
+def _saved_head(encoder, data, config, context):
+    """The `imagenet` probe's own refit head from this run's output (same pooling, layer and data), or None."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from encoder_probe.data import open_dataset
+    from encoder_probe.targets import HeadTarget
+    out = context.get("out")
+    path = Path(out) / encoder.fingerprint[:16] / "imagenet" / "head.safetensors" if out is not None else None
+    if path is None or not path.is_file():
+        return None
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    name, root = pick_dataset(data, "classification", default="imagenet")
+    if (meta.get("pool"), meta.get("layer"), meta.get("root")) != \
+            (config.pool, json.dumps(encoder.layer), str(open_dataset(name, root, "train").root)):
+        return None  # a head of another protocol or dataset (an older run in the same directory)
+    arrays = load_file(str(path))
+    names = json.loads(meta["class_names"])
+    head = HeadTarget(encoder, arrays["weight"], arrays["bias"], pool=config.pool, mean=arrays["mean"],
+                      std=arrays["std"], class_names=names)
+    return head, {"from": "the imagenet probe's refit head", "file": str(path), "fitted_on": meta["root"],
+                  "classes": names}
+
+
 def _fit_head(encoder, data, config, context):
     """A logistic head on standardised pooled features of the classification data."""
     from encoder_probe.data import DATASETS
@@ -165,7 +192,7 @@ class GradCAMProbe:
             if kind == "head":
                 from encoder_probe.targets import own_classifier
                 target, extra["head"] = own_classifier(encoder) if config.classifier == "model" else \
-                    _fit_head(encoder, data, config, context)
+                    _saved_head(encoder, data, config, context) or _fit_head(encoder, data, config, context)
             elif kind == "text":
                 from encoder_probe.targets import TextTarget
                 names = dataset.class_names

@@ -17,7 +17,7 @@ import numpy as np
 
 from encoder_probe.errors import SpecError
 from encoder_probe.logreg import LogisticRegression, fit_path
-from encoder_probe.probe import config_from, config_hash, labelled_arrays, last_layers, summarize
+from encoder_probe.probe import artifact_dir, config_from, config_hash, labelled_arrays, last_layers, summarize
 
 NORMALIZE = ("standardize", "l2")
 SOLVERS = ("torch", "sklearn")
@@ -116,8 +116,27 @@ class _SkModel:
 
     def decision_function(self, x):
         scores = np.full((len(x), self.n_classes), -np.inf)
-        scores[:, self.model.classes_] = self.model.decision_function(x)
+        decision = self.model.decision_function(x)
+        if decision.ndim == 1:  # two classes: sklearn's binomial model, i.e. logits (0, d)
+            decision = np.stack([np.zeros_like(decision), decision], axis=1)
+        scores[:, self.model.classes_] = decision
         return scores
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (n_classes, D), bias) giving ``decision_function``'s scores (absent classes: -1e9)."""
+        coef, bias = self.model.coef_, self.model.intercept_
+        if len(self.model.classes_) == 2:
+            coef, bias = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], bias])
+        weight = np.zeros((self.n_classes, coef.shape[1]))
+        full_bias = np.full(self.n_classes, -1e9)
+        weight[self.model.classes_], full_bias[self.model.classes_] = coef, bias
+        return weight, full_bias
+
+
+def _head(model) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(model, _SkModel):
+        return model.head()
+    return model.coef_.cpu().numpy(), model.intercept_.cpu().numpy()
 
 
 def _scores(model, x) -> np.ndarray:
@@ -139,8 +158,24 @@ def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, c
     init = path[best] if config.solver == "torch" else None
     model = _fit(norm(x), y, [Cs[best]], config, n_classes, init=init)[0]
     scores = _scores(model, norm(xv))  # the only time val is touched
+    weight, bias = _head(model)
     return {"C": Cs[best], "sweep": sweep, "top1": topk(scores, yv, 1), "top5": topk(scores, yv, 5),
-            "mean_per_class_recall": mean_per_class_recall(scores.argmax(1), yv)}
+            "mean_per_class_recall": mean_per_class_recall(scores.argmax(1), yv),
+            "head": {"weight": weight, "bias": bias, **({"mean": norm.mean, "std": norm.std}
+                                                        if config.normalize == "standardize" else {})}}
+
+
+def save_head(path, head: dict, *, pool: str, layer, root: str, class_names: list[str]) -> None:
+    """The refit head (seed 0) as safetensors, with its feature standardisation folded in beside it, so
+    the gradcam probe can explain the very classifier this probe scored."""
+    import json
+
+    from safetensors.numpy import save
+
+    from encoder_probe.cache import atomic_write_bytes
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}
+    meta = {"pool": pool, "layer": json.dumps(layer), "root": root, "class_names": json.dumps(class_names)}
+    atomic_write_bytes(path, save(arrays, metadata=meta))
 
 
 class LinearProbe:
@@ -156,10 +191,16 @@ class LinearProbe:
         runs = [run_protocol(x, y, xv, yv, config, seed, train.meta["data"]["num_classes"])
                 for seed in range(config.seeds)]
         used = {**asdict(config), "layers": resolved}
-        return {
+        result = {
             "metrics": {m: summarize([r[m] for r in runs]) for m in ("top1", "top5", "mean_per_class_recall")},
             "chosen_C": [r["C"] for r in runs], "sweep": [r["sweep"] for r in runs],
             "data": {"train": len(y), "val": len(yv), "classes": train.meta["data"]["num_classes"],
                      "root": train.meta["data"]["root"]},
             "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
         }
+        out = artifact_dir(encoder, context, self.name)
+        if out is not None and len(resolved) == 1 and "mean" in runs[0]["head"]:  # a linear map of pooled tokens
+            save_head(out / "head.safetensors", runs[0]["head"], pool=config.pool, layer=resolved[0],
+                      root=train.meta["data"]["root"], class_names=train.class_names)
+            result["artifacts"] = {"head": f"{out.name}/head.safetensors"}
+        return result

@@ -381,3 +381,18 @@ def test_model_classifier_head_is_the_models_own_logits(hf_towers):
     assert info["classes"] == enc.module.head.out_features
     with pytest.raises(SpecError, match="own linear classifier"):
         own_classifier(load_encoder(f"hf:{hf_towers['siglip'][2]}"))
+
+
+def test_gradcam_explains_the_imagenet_probes_own_head(tmp_path):
+    """In one suite, `gradcam` maps the class logits of the head the `imagenet` probe refit and scored."""
+    from conftest import write_imagefolder
+
+    from encoder_probe.runner import run_suite
+    data = write_imagefolder(tmp_path / "data", per_class=6, split="train")
+    write_imagefolder(tmp_path / "data", per_class=3, split="val", seed=1)
+    record, = run_suite(["timm:test_vit"], "imagenet,gradcam", tmp_path / "out",
+                        data={"imagenet": str(data), "ade20k": None},
+                        options={"limit": 4, "methods": ["gradcam"]}, cache=tmp_path / "cache", progress=False)
+    head = record["probes"]["gradcam"]["target"]["head"]
+    assert record["probes"]["gradcam"]["status"] == "ok", record["probes"]["gradcam"]
+    assert head["from"] == "the imagenet probe's refit head" and head["classes"] == ["cat", "dog", "fish"]

@@ -182,3 +182,29 @@ def test_knn_rejects_bad_options_before_any_work(tmp_path, options):
     with pytest.raises(SpecError, match="knn probe: need ks >= 1"):
         KNNProbe().run(load_encoder("timm:test_vit"), None, options, {"cache": tmp_path})
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("solver, classes", [("torch", ("cat", "dog", "fish")), ("sklearn", ("cat", "dog", "fish")),
+                                             ("sklearn", ("cat", "dog"))])
+def test_saved_head_reproduces_the_reported_top1(tmp_path, solver, classes):
+    """imagenet/head.safetensors is the refit classifier: applied to val features it gives the probe's top-1."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from encoder_probe.data import open_dataset
+    from encoder_probe.features import extract
+    data = tmp_path / "data"
+    write_imagefolder(data, classes=classes, per_class=8, split="train")
+    write_imagefolder(data, classes=classes, per_class=4, split="val", seed=1)
+    encoder = load_encoder("timm:test_vit")
+    context = {"cache": tmp_path / "cache", "out": tmp_path / "out", "progress": False}
+    result = LinearProbe().run(encoder, {"imagenet": str(data)}, {"solver": solver, "Cs": [0.1, 1.0]}, context)
+    path = tmp_path / "out" / encoder.fingerprint[:16] / result["artifacts"]["head"]
+    head = load_file(str(path))
+    with safe_open(str(path), "np") as f:
+        assert json.loads(f.metadata()["class_names"]) == list(classes)
+    val = extract(encoder, open_dataset("imagenet", data, "val", classes=list(classes)), out=tmp_path / "cache",
+                  progress=False)
+    x = (np.asarray(val.pooled("mean"), np.float64) - head["mean"]) / head["std"]
+    top1 = float(((x @ head["weight"].T.astype(np.float64) + head["bias"]).argmax(1) == val.labels).mean())
+    assert top1 == result["metrics"]["top1"]["value"]

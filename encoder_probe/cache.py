@@ -22,18 +22,35 @@ def cache_root() -> Path:
     return Path(xdg) / "encoder-probe"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed.
+
+    For writers that want a file name (safetensors, savefig) rather than bytes in memory.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_png(fig, path: Path, dpi: int = 100, **options) -> Path:
+    """A matplotlib figure (object API: no pyplot state, any backend) as a PNG written atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **options)
+    return Path(path)
 
 
 def atomic_write_json(path: Path, data) -> None:

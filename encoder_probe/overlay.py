@@ -25,17 +25,16 @@ def overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], path: str |
     """Write a grid: column 0 the image (mask outline if given), then one column per entry of
     ``columns`` (name -> (N, h, w) raw maps), each map upsampled and normalised per image.
     Written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from .attribution import minmax
-    from .cache import atomic_write_bytes
+    from .cache import save_png
     from .localization import upsample
 
     n, height, width = images.shape[0], images.shape[1], images.shape[2]
     names = list(columns)
-    fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.8 * n), squeeze=False)
+    fig = Figure(figsize=(1.8 * (len(names) + 1), 1.8 * n))
+    axes = fig.subplots(n, len(names) + 1, squeeze=False)
     for j, name in enumerate(names):
         raw = torch.as_tensor(np.asarray(columns[name], np.float32))
         shown = minmax(upsample(raw, (height, width))).numpy()
@@ -57,13 +56,7 @@ def overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], path: str |
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout(pad=0.3)
-    import io
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_png(fig, path, dpi=dpi)
 
 
 def compare_overlays(npz_files: dict[str, str | Path], path: str | Path, *, method: str = "gradcam",

@@ -107,11 +107,9 @@ def _drift_layers(encoder) -> list:
 def plot(curves: dict, weights: dict, path, title: str) -> None:
     """Per-layer scores of each reference (top) and, for same-architecture references, the
     relative weight change of every block (bottom), on one layer axis."""
-    import io
-
     from matplotlib.figure import Figure
 
-    from encoder_probe.cache import atomic_write_bytes
+    from encoder_probe.cache import save_png
     fig = Figure(figsize=(7.5, 3.2 * (2 if weights else 1)))
     top = fig.add_subplot(2 if weights else 1, 1, 1)
     for ref, c in curves.items():
@@ -135,9 +133,7 @@ def plot(curves: dict, weights: dict, path, title: str) -> None:
         bottom.grid(alpha=0.3)
         bottom.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def _wanted(encoder, layers: list, drift: bool) -> list:

@@ -14,7 +14,6 @@ PIVOT paper reports; see ``encoder_probe.segmentation`` for exactly what each me
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -215,14 +214,15 @@ def palette(num_classes: int) -> np.ndarray:
     return np.vstack([(colours * 255).astype(np.uint8), [[0, 0, 0]]])
 
 
-def prediction_grid(dataset, indices, truth, predictions, num_classes: int) -> bytes:
-    """PNG bytes: one row per image (image, ground truth, prediction), the encoder's own view."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def prediction_grid(dataset, indices, truth, predictions, num_classes: int, path) -> None:
+    """PNG grid: one row per image (image, ground truth, prediction), the encoder's own view."""
+    from matplotlib.figure import Figure
+
+    from encoder_probe.cache import save_png
     colours = palette(num_classes)
     mean, std = np.array(dataset.preprocess.mean), np.array(dataset.preprocess.std)
-    fig, axes = plt.subplots(len(indices), 3, figsize=(7.5, 2.5 * len(indices)), squeeze=False)
+    fig = Figure(figsize=(7.5, 2.5 * len(indices)))
+    axes = fig.subplots(len(indices), 3, squeeze=False)
     for row, (index, gt, pred) in enumerate(zip(indices, truth, predictions)):
         image = dataset[int(index)]["pixels"].permute(1, 2, 0).numpy() * std + mean
         gt = np.where(gt == IGNORE_INDEX, num_classes, gt)
@@ -233,10 +233,7 @@ def prediction_grid(dataset, indices, truth, predictions, num_classes: int) -> b
             if row == 0:
                 ax.set_title(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
+    save_png(fig, path, dpi=80)
 
 
 # -- the probe ---------------------------------------------------------------------------------
@@ -296,8 +293,7 @@ class SegProbe:
         x, masks = val.batch(rows)
         with torch.no_grad():
             pred = predict(head, x, val.grid, masks.shape[-2:]).cpu().numpy()
-        atomic_write_bytes(out / "predictions.png", prediction_grid(val_data, val_set.index[rows],
-                                                                    masks.cpu().numpy(), pred, num_classes))
+        prediction_grid(val_data, val_set.index[rows], masks.cpu().numpy(), pred, num_classes, out / "predictions.png")
         table = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in per_class_iou.items())
         atomic_write_bytes(out / "per_class_iou.csv", table.encode())
         return {"grid": f"{out.name}/predictions.png", "table": f"{out.name}/per_class_iou.csv"}

@@ -11,10 +11,7 @@ tower, the LM config, the tokenizer kind), ``model.safetensors`` (``vision.*``, 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
 
@@ -195,21 +192,16 @@ def tiny_mllm(texts: list[str], encoder: str = TINY_ENCODER, seed: int = 0, **op
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors written beside the target and renamed over it (shared storage is copied)."""
     from safetensors.torch import save_file
+
+    from ..cache import atomic_path
     seen, out = set(), {}
     for k, v in tensors.items():
         v = v.detach().to("cpu")
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
         out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen.add(ptr)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={"format": "pt"})
 
 
 def save_mllm(mllm: MLLM, directory, extra: dict | None = None) -> Path:

@@ -5,7 +5,6 @@ atomically, so a report dir never holds half a picture.
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -16,11 +15,8 @@ IMAGE_KINDS = ("overlay", "grid", "plot")  # artifact kinds shown as pictures; o
 
 
 def _save(fig, path: Path) -> Path:
-    from ..cache import atomic_write_bytes
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    from ..cache import save_png
+    return save_png(fig, path, bbox_inches="tight")
 
 
 def _colors(n: int):

@@ -62,6 +62,23 @@ def write_ade20k(root, n=4, size=(48, 64), split="training", seed=0, num_classes
     return root
 
 
+def run_cli(tmp_path, *args, command="run"):
+    """``python -m encoder_probe COMMAND ARGS --out tmp_path/out`` in a fresh process: (proc, out dir)."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "encoder_probe", command, *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def assert_one_line_error(proc, message):
+    """Exit 2 and exactly one ``probe: error`` line (the rest of stderr is progress) that says ``message``."""
+    errors = [line for line in proc.stderr.splitlines() if "probe: error" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert proc.stderr.rstrip().endswith(errors[0].split("probe: error", 1)[1])  # and it is the last word
+
+
 @pytest.fixture
 def cache_env(tmp_path, monkeypatch):
     """Generated data and features go to a per-test cache, never ~/.cache."""

@@ -1,7 +1,5 @@
 """The `imagenet` (linear) and `knn` probes: solver parity with sklearn, no leak, kNN by hand, real signal."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
 import probes.linear as linear
-from conftest import write_imagefolder
+from conftest import assert_one_line_error, run_cli, write_imagefolder
 from encoder_probe import load_encoder
 from encoder_probe.logreg import LogisticRegression, fit_path
 from probes.knn import KNNProbe, knn_accuracy
@@ -121,13 +119,6 @@ def test_pretrained_tower_beats_its_random_twin_on_demo_data(tmp_path):
     assert knn - knn0 > 0.15, scores
 
 
-def _run(tmp_path, *args):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "encoder_probe", "run", *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    return proc, out
-
-
 @pytest.mark.parametrize("problem, message", [
     ("one_class", "has only one class"),
     ("unseen_val_class", "classes absent from the train split: zebra"),
@@ -153,10 +144,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
         save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "nan.safetensors")
         encoder = f"{encoder}@{tmp_path / 'nan.safetensors'}"
     name = "ade20k" if problem == "segmentation_only" else "imagenet"
-    proc, out = _run(tmp_path, "--encoder", encoder, "--suite", "imagenet", "--data", f"{name}={data}")
-    errors = [line for line in proc.stderr.splitlines() if "probe: error" in line]  # the rest is progress
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
-    assert proc.stderr.rstrip().endswith(errors[0].split("probe: error", 1)[1])
+    proc, out = run_cli(tmp_path, "--encoder", encoder, "--suite", "imagenet", "--data", f"{name}={data}")
+    assert_one_line_error(proc, message)
     assert not list(out.glob("*/results.json"))
 
 
@@ -164,7 +153,7 @@ def test_cli_run_writes_linear_and_knn_results(tmp_path):
     data = tmp_path / "data"
     write_imagefolder(data, per_class=6, split="train")
     write_imagefolder(data, per_class=3, split="val", seed=1)
-    proc, out = _run(tmp_path, "--encoder", "timm:test_vit", "--suite", "imagenet,knn", "--data", f"imagenet={data}",
+    proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "imagenet,knn", "--data", f"imagenet={data}",
                      "--solver", "sklearn", "--seeds", "2")
     assert proc.returncode == 0, proc.stderr
     [results] = list(out.glob("*/results.json"))

@@ -1,13 +1,11 @@
 """The `seg` probe: metrics against independent computations, the head, real signal, bad input."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_ade20k
+from conftest import assert_one_line_error, run_cli, write_ade20k
 
 from encoder_probe import load_encoder
 from encoder_probe.segmentation import (confusion_matrix, patch_counts, patch_scores, patch_union_targets,
@@ -118,18 +116,11 @@ def test_pretrained_tower_head_beats_its_random_twin_on_demo_data(tmp_path):
     assert table[0] == "class,iou" and len(table) == 1 + 7
 
 
-def _run(tmp_path, *args):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "encoder_probe", "run", *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    return proc, out
-
-
 def test_cli_seg_on_an_ade20k_tree(tmp_path):
     data = tmp_path / "ade"
     write_ade20k(data, n=6, num_classes=5, split="training")
     write_ade20k(data, n=3, num_classes=5, split="validation", seed=1)
-    proc, out = _run(tmp_path, "--encoder", "timm:test_vit", "--suite", "seg", "--data", f"ade20k={data}",
+    proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "seg", "--data", f"ade20k={data}",
                      "--head", "mlp", "--option", "epochs=2", "--option", "lrs=[0.01, 0.1]", "--seeds", "2")
     assert proc.returncode == 0, proc.stderr
     [results] = out.glob("*/results.json")
@@ -174,7 +165,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
         name, data = "imagenet", write_imagefolder(tmp_path / "inet")
     elif problem == "bad_head":
         extra = ["--option", "head=conv"]
-    proc, out = _run(tmp_path, "--encoder", "timm:test_vit", "--suite", "seg", "--data", f"{name}={data}", *extra)
-    errors = [line for line in proc.stderr.splitlines() if "probe: error" in line]
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "seg", "--data", f"{name}={data}", *extra)
+    assert_one_line_error(proc, message)
     assert not list(out.glob("*/results.json"))

@@ -52,6 +52,8 @@ class SegConfig:
     @classmethod
     def from_options(cls, options: dict | None) -> "SegConfig":
         config = config_from(cls, options)
+        if isinstance(config.lrs, (int, float)):  # --option lrs=0.01
+            config.lrs = [config.lrs]
         if config.head not in HEADS:
             raise SpecError(f"seg probe: head must be one of {', '.join(HEADS)}, got {config.head!r}")
         if not config.lrs or min(config.lrs) <= 0 or config.epochs < 1 or config.head_batch < 1:

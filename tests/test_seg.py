@@ -140,6 +140,7 @@ def test_cli_seg_on_an_ade20k_tree(tmp_path):
     ("empty_split", "no images"),
     ("classification_data", "a segmentation probe needs segmentation data; --data gave only imagenet"),
     ("bad_head", "head must be one of linear, mlp"),
+    ("bad_lr", "need positive lrs"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
     data = tmp_path / "ade"
@@ -165,6 +166,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
         name, data = "imagenet", write_imagefolder(tmp_path / "inet")
     elif problem == "bad_head":
         extra = ["--option", "head=conv"]
+    elif problem == "bad_lr":
+        extra = ["--option", "lrs=0"]
     proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "seg", "--data", f"{name}={data}", *extra)
     assert_one_line_error(proc, message)
     assert not list(out.glob("*/results.json"))

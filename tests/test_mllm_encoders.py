@@ -270,3 +270,80 @@ def test_original_internvl_layout_is_refused_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"}))
     with pytest.raises(CheckpointError, match="remote-code layout"):
         load_encoder(str(tmp_path))
+
+
+# -- fingerprint: everything that changes the tokens --------------------------------------------
+
+def test_same_weights_under_two_tower_configs_are_two_encoders(tmp_path):
+    """A PIVOT dir with and without --vision-config (head count from the config vs guessed from the
+    weights' shapes): same weights, different tokens, so different fingerprints and cache entries."""
+    from encoder_probe.data import open_dataset
+    from encoder_probe.features import extract
+    vision = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=32, patch_size=8)
+    path = toy.write_pivot(tmp_path / "pivot", vision=vision)
+    config_dir = toy.write_siglip_dir(tmp_path / "siglip", **vision, num_hidden_layers=3)
+    guessed, configured = load_encoder(str(path)), load_encoder(str(path), vision_config=str(config_dir))
+    weights = lambda enc: {k: v for k, v in enc.module.state_dict().items()}  # noqa: E731
+    assert all(torch.equal(v, weights(configured)[k]) for k, v in weights(guessed).items())
+    with torch.no_grad():
+        assert not torch.allclose(guessed.forward_tokens(PIXELS).patches, configured.forward_tokens(PIXELS).patches)
+    assert guessed.fingerprint != configured.fingerprint
+    assert guessed.architecture()["tower"]["config"]["num_attention_heads"] == 1
+    assert configured.architecture()["tower"]["config"]["num_attention_heads"] == 4
+    dataset = open_dataset("imagenet", "demo", "val", per_class=1)
+    entries = {extract(enc, dataset, out=tmp_path / "cache", batch_size=8, num_workers=0, progress=False).path
+               for enc in (guessed, configured)}
+    assert len(entries) == 2
+
+
+def test_qwen_image_size_forms_and_sizes_it_cannot_take(toy_dir):
+    from encoder_probe.errors import SpecError
+    path = str(toy_dir("qwen2_5_vl", lambda d: toy.write_hf_mllm(d, "qwen2_5_vl")))
+    square = [load_encoder(path, image_size=form) for form in (32, "32", "32x32", (32, 32))]
+    assert len({enc.fingerprint for enc in square}) == 1 and square[0].preprocess.size == (32, 32)
+    wide = load_encoder(path, image_size="32x48")
+    assert wide.preprocess.size == (32, 48) and wide.fingerprint != square[0].fingerprint
+    assert load_encoder(path, image_size=[32, 48]).fingerprint == wide.fingerprint
+    for bad, message in [("30", "not a multiple of 8"), ("32x44", "not a multiple of 8"), ("0", "positive"),
+                         ("32x", "expected N or HxW"), ((32, 48, 3), "expected N or HxW"), (32.5, "expected N or HxW")]:
+        with pytest.raises(SpecError, match=message) as info:
+            load_encoder(path, image_size=bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(SpecError, match="takes no option 'image_size'"):
+        load_encoder("timm:test_vit", image_size=224)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_non_square_input_equals_the_models_own_forward(toy_dir, kind):
+    """32x48 (a 8x12 patch grid, 4x6 after the merger): the merger output equals the model's own
+    visual forward on the image processor's patches, and the pre-merger tokens sit row-major."""
+    from transformers import Qwen2VLImageProcessor
+    path = toy_dir(kind, lambda d: toy.write_hf_mllm(d, kind))
+    ref = toy.hf_mllm(kind).eval()
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    proc = Qwen2VLImageProcessor(patch_size=4, merge_size=2, do_resize=False, do_rescale=False, do_normalize=False)
+    inputs = proc(images=list(pixels), return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 12]] * 2
+    with torch.no_grad():
+        out = ref.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        merged = load_encoder(str(path), image_size="32x48", with_projector=True).forward_tokens(pixels)
+        tokens = load_encoder(str(path), image_size="32x48").forward_tokens(pixels)
+    assert merged.grid == (4, 6) and tokens.grid == (8, 12)
+    assert torch.equal(merged.patches.reshape(-1, merged.patches.shape[-1]), out.pooler_output)
+
+
+def test_an_unchanged_spec_keeps_its_fingerprint_across_processes(toy_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    specs = [str(toy_dir("qwen2_5_vl", lambda d: toy.write_hf_mllm(d, "qwen2_5_vl"))),
+             str(onevision(toy_dir)), str(toy.write_pivot(tmp_path / "pivot")), "timm:test_vit",
+             "torchvision:mobilenet_v2"]
+    here = [load_encoder(spec).fingerprint for spec in specs]
+    script = ("import json, sys\nfrom encoder_probe import load_encoder\n"
+              "print(json.dumps([load_encoder(s).fingerprint for s in sys.argv[1:]]))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # set and dict orders differ from this process's
+    proc = subprocess.run([sys.executable, "-c", script, *specs], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == here
+    assert len(set(here)) == len(here)

@@ -228,18 +228,32 @@ class VisionEncoder:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 over weights, preprocessing and layer choice: the key of every cache."""
+        """sha256 over everything that changes the tokens: the key of every cache.
+
+        The weights, the resolved architecture (``architecture()``: head counts, norms, patch and
+        image size, which the weights' shapes alone do not pin down), the token layout, the
+        preprocessing, the layer and whether the projector is applied.
+        """
         h = hashlib.sha256()
         meta = {"source": self.source, "layer": self.layer, "with_projector": self.with_projector,
-                "preprocess": asdict(self.preprocess)}
-        h.update(json.dumps(meta, sort_keys=True).encode())
-        modules = [self.module] + ([self.projector] if self.with_projector else [])
-        for module in modules:
+                "preprocess": asdict(self.preprocess), "architecture": self.architecture()}
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+        for module in self._fingerprinted_modules():
             for name, tensor in sorted(module.state_dict().items()):
                 t = tensor.detach().to("cpu").contiguous()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
+
+    def architecture(self) -> dict:
+        """The resolved network: its config (HF), every submodule's class and structural settings,
+        and the adapter's own token layout (``_layout``). Plain data, stable across processes."""
+        return {"adapter": type(self).__name__, "layout": self._layout(),
+                **{role: module_architecture(module) for role, module in
+                   zip(("tower", "projector"), self._fingerprinted_modules())}}
+
+    def _fingerprinted_modules(self) -> list[nn.Module]:
+        return [self.module] + ([self.projector] if self.with_projector else [])
 
     def describe(self) -> dict:
         """Everything `probe inspect` shows, as plain data."""
@@ -272,3 +286,50 @@ class VisionEncoder:
     def _head(self, tokens: Tokens) -> torch.Tensor:
         raise SpecError(f"{self.spec}: source {self.source!r} has no pooling head; "
                         "use pool cls, mean or cls+mean")
+
+    def _layout(self) -> dict:
+        """Adapter settings that change the tokens beyond the module itself (prefix split, shuffles)."""
+        return {}
+
+
+# module attributes that say how a module runs, not what it computes
+_RUNTIME_ATTRIBUTES = frozenset({"training", "fused_attn", "grad_checkpointing", "gradient_checkpointing",
+                                 "is_hf_initialized", "name_or_path"})
+# config keys that name where or with what a model was saved, not what it is
+_VOLATILE_CONFIG = frozenset({"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                              "_attn_implementation_autoset", "_attn_implementation", "_commit_hash",
+                              "output_hidden_states", "output_attentions", "return_dict", "use_cache"})
+
+
+def _plain(value):
+    """A JSON-stable form of a settings value, or None when it is not plain data."""
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if str(k) not in _VOLATILE_CONFIG}
+    return None
+
+
+def module_architecture(module: nn.Module) -> dict:
+    """What a module computes apart from its weights: the HF config when it has one, and every
+    submodule's class with its plain settings (``num_heads``, ``eps``, ``patch_size`` ...).
+
+    timm keeps head counts only as attributes, HF only in the config; hashing both is what lets
+    two loads of one weights file with different head counts get different fingerprints.
+    """
+    config = getattr(module, "config", None)
+    out = {"config": _plain(config.to_dict())} if hasattr(config, "to_dict") else {}
+    structure = []
+    for name, sub in module.named_modules():
+        settings = {k: _plain(v) for k, v in vars(sub).items()
+                    if not k.startswith("_") and k not in _RUNTIME_ATTRIBUTES and k != "config"}
+        structure.append([name, f"{type(sub).__module__}.{type(sub).__qualname__}",
+                          {k: v for k, v in sorted(settings.items()) if v is not None}])
+    out["modules"] = structure
+    return out

@@ -181,6 +181,10 @@ class HFTowerEncoder(VisionEncoder):
         super().__init__(**kwargs)
         self.details.setdefault("token_layout", f"{tower.num_prefix} prefix token(s), patch {tower.patch[0]}x{tower.patch[1]}")
 
+    def _layout(self) -> dict:
+        return {"prefix_tokens": self.tower.num_prefix, "pixel_shuffle": self.shuffle,
+                "projector_takes_prefix": self.projector_takes_prefix}
+
     def _forward_layers(self, pixels, layers):
         output = self.tower.run(pixels)
         grid = self.tower.grid(pixels)

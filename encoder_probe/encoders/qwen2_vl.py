@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from .base import CLIP_MEAN, CLIP_STD, LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
 from .hf_tower import load_config
@@ -94,7 +94,7 @@ class QwenVisionEncoder(VisionEncoder):
         return Tokens(merged, merged[:, :0], grid, tokens.layer)
 
 
-def _preprocess(path: Path, factor: int, image_size: int | None) -> tuple[Preprocess, str]:
+def _preprocess(path: Path, factor: int, image_size: tuple[int, int] | None) -> tuple[Preprocess, str]:
     file = path / "preprocessor_config.json"
     cfg = {}
     if file.is_file():
@@ -102,11 +102,12 @@ def _preprocess(path: Path, factor: int, image_size: int | None) -> tuple[Prepro
             cfg = json.loads(file.read_text())
         except ValueError as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    side = image_size or DEFAULT_SIZE
-    if side % factor:
-        raise CheckpointError(f"{path}: image_size {side} must be a multiple of {factor} (patch x merge)")
+    size = image_size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    if size[0] % factor or size[1] % factor:
+        raise SpecError(f"{path}: image size {size[0]}x{size[1]} is not a multiple of {factor} "
+                        f"(patch x merge) in both sides, as Qwen2-VL needs")
     mean, std = tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
-    return Preprocess((side, side), mean, std, "bicubic", "exact"), (file.name if cfg else "Qwen2-VL defaults")
+    return Preprocess(size, mean, std, "bicubic", "exact"), (file.name if cfg else "Qwen2-VL defaults")
 
 
 @register_source("qwen2-vl", description="Qwen2-VL / Qwen2.5-VL dirs (visual tower + merger, dynamic "
@@ -120,15 +121,14 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     config = load_config(path)
     cls = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel,
            "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel}[config.model_type]
+    vcfg = config.vision_config
+    preprocess, preprocess_from = _preprocess(path, vcfg.patch_size * vcfg.spatial_merge_size, image_size)
     reader = CheckpointReader(path)
     prefix = reader.first_prefix(VISION_PREFIXES)
     if prefix is None:
         raise CheckpointError(f"{path}: missing vision keys (none under {' or '.join(VISION_PREFIXES)})")
-    visual = cls._from_config(config.vision_config)
+    visual = cls._from_config(vcfg)
     load_into(visual, reader.load_prefix(prefix), source=path)
-    vcfg = config.vision_config
-    preprocess, preprocess_from = _preprocess(path, vcfg.patch_size * vcfg.spatial_merge_size,
-                                              int(image_size) if image_size else None)
     depth = vcfg.depth
     return QwenVisionEncoder(
         visual=visual, spec=spec, module=visual, preprocess=preprocess, projector=visual.merger,

@@ -105,6 +105,51 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[key]
 
 
+def parse_device(device) -> torch.device | None:
+    """A torch device from a string or device, or a one-line SpecError: checked before any work."""
+    if device is None or device == "":
+        return None
+    try:
+        parsed = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError):
+        raise SpecError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SpecError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SpecError(f"device {device!r}: MPS is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise SpecError(f"device {device!r}: only cpu, cuda[:N] and mps are supported")
+    return parsed
+
+
+def parse_image_size(size) -> tuple[int, int] | None:
+    """``448``, ``"448"``, ``"336x504"`` (height x width), ``(336, 504)`` -> (H, W); else a one-line SpecError."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        parts = size.lower().replace("*", "x").split("x")
+        try:
+            values = [int(p.strip()) for p in parts]
+        except ValueError:
+            values = []
+    elif isinstance(size, bool):
+        values = []
+    elif isinstance(size, int):
+        values = [size]
+    elif isinstance(size, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        values = list(size)
+    else:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise SpecError(f"image size {size!r}: expected N or HxW with positive integers (e.g. 448 or 336x504)")
+    return values[0], values[1]
+
+
 def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_projector: bool = False,
                  **options) -> VisionEncoder:
     """Load the vision tower a spec names, with its exact preprocessing and feature layer.
@@ -112,13 +157,17 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
     ``layer`` overrides the default (what the MLLM's projector consumes, or the model's own final
     tokens for plain encoders); random-init towers are seeded (0), so a spec always names the
     same weights; ``with_projector=True`` makes ``forward_tokens`` return projected
-    tokens. Source-specific options (``vision_config=DIR``, ``image_size=N``) pass through.
+    tokens. Source-specific options (``vision_config=DIR``, ``image_size=448`` or ``"336x504"`` or
+    ``(336, 504)``, height x width) pass through; ``device`` is checked before anything is read.
     """
     source, target, weights = parse_spec(spec)
     accepted = inspect.signature(source.load).parameters
     for name in options:
         if name not in accepted:
             raise SpecError(f"source {source.name!r} takes no option {name!r}")
+    if "image_size" in options:
+        options["image_size"] = parse_image_size(options["image_size"])
+    device = parse_device(device)
     if weights is not None:
         weights = str(Path(weights).expanduser())
     with torch.random.fork_rng(devices=[]):  # random-init towers (timm:NAME) are the same on every load

@@ -5,7 +5,12 @@ split (fit on the other 90%, warm-started along the C path); the winner is refit
 train split and scored once on val. Features are standardised (or L2-normalised) with
 statistics of the rows being fit, never of held-out or val rows. ``seeds > 1`` reruns split and
 fit per seed; metrics are mean and 95% CI. ``solver="sklearn"`` runs the CLIP recipe
-(sklearn LogisticRegression, lbfgs, max_iter 1000) on the same grid, for parity checks.
+(sklearn LogisticRegression, lbfgs, max_iter 1000) on the same grid, for parity checks; a C
+is sklearn's C for every class count (two classes: sklearn's binomial model, in both solvers).
+
+Every fit's convergence (iterations, gradient, converged) is recorded; a refit that did not
+converge is named in the result's ``warnings``, which the report shows. top-5 is left out
+when there are 5 classes or fewer (it would be 1.0 by construction).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from encoder_probe.errors import SpecError
-from encoder_probe.logreg import LogisticRegression, fit_path
+from encoder_probe.logreg import LogisticRegression, fit_path, linear_head
 from encoder_probe.probe import artifact_dir, config_from, config_hash, labelled_arrays, last_layers, summarize
 
 NORMALIZE = ("standardize", "l2")
@@ -35,8 +40,8 @@ class LinearConfig:
     per_class: int | None = None
     batch_size: int = 64
     max_iter: int = 1000
-    sweep_tol: float = 1e-5  # gradient tolerance of the C sweep (1e-4 biased the choice of C on case b)
-    tol: float = 1e-6  # of the final refit
+    sweep_tol: float = 1e-2  # the sweep only ranks C: relative gradient ||g|| / (lam ||W||) of each fit
+    tol: float = 1e-3  # of the final refit: W within ~0.1% of the optimum
     device: str | None = None
 
     @classmethod
@@ -98,8 +103,14 @@ def fits_on_device(x: np.ndarray, device) -> bool:
 def _fit(x, y, Cs, config, n_classes, init=None):
     """Models for each C (ascending): torch path with warm starts, or sklearn's CLIP recipe."""
     if config.solver == "sklearn":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression as SkLogisticRegression
-        return [_SkModel(SkLogisticRegression(C=C, max_iter=config.max_iter).fit(x, y), n_classes) for C in sorted(Cs)]
+        with warnings.catch_warnings():  # recorded per fit instead (converged: false)
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return [_SkModel(SkLogisticRegression(C=C, max_iter=config.max_iter).fit(x, y), n_classes)
+                    for C in sorted(Cs)]
     batch = None if fits_on_device(x, config.device) else 4096  # else mini-batch Adam
     if init is not None:
         return [LogisticRegression(C=Cs[0], max_iter=config.max_iter, tol=config.tol, device=config.device,
@@ -109,39 +120,28 @@ def _fit(x, y, Cs, config, n_classes, init=None):
 
 
 class _SkModel:
-    """sklearn's model with scores over all ``n_classes`` columns (absent classes score -inf)."""
+    """sklearn's fitted model with the torch estimator's ``head`` and ``convergence``."""
 
     def __init__(self, model, n_classes):
         self.model, self.n_classes = model, n_classes
 
-    def decision_function(self, x):
-        scores = np.full((len(x), self.n_classes), -np.inf)
-        decision = self.model.decision_function(x)
-        if decision.ndim == 1:  # two classes: sklearn's binomial model, i.e. logits (0, d)
-            decision = np.stack([np.zeros_like(decision), decision], axis=1)
-        scores[:, self.model.classes_] = decision
-        return scores
-
     def head(self) -> tuple[np.ndarray, np.ndarray]:
-        """(weight (n_classes, D), bias) giving ``decision_function``'s scores (absent classes: -1e9)."""
-        coef, bias = self.model.coef_, self.model.intercept_
-        if len(self.model.classes_) == 2:
-            coef, bias = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], bias])
-        weight = np.zeros((self.n_classes, coef.shape[1]))
-        full_bias = np.full(self.n_classes, -1e9)
-        weight[self.model.classes_], full_bias[self.model.classes_] = coef, bias
-        return weight, full_bias
+        return linear_head(self.model.classes_, self.model.coef_, self.model.intercept_, self.n_classes)
 
-
-def _head(model) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(model, _SkModel):
-        return model.head()
-    return model.coef_.cpu().numpy(), model.intercept_.cpu().numpy()
+    def convergence(self) -> dict:
+        n_iter = int(np.max(self.model.n_iter_))
+        return {"C": self.model.C, "n_iter": n_iter, "tol": self.model.tol, "converged": n_iter < self.model.max_iter}
 
 
 def _scores(model, x) -> np.ndarray:
-    scores = model.decision_function(x)
-    return scores.cpu().numpy() if hasattr(scores, "cpu") else np.asarray(scores)
+    """Scores over every class of the dataset (classes the fit never saw score -1e9)."""
+    weight, bias = model.head()
+    return np.asarray(x, np.float32) @ weight.T.astype(np.float32) + bias.astype(np.float32)
+
+
+def topk_defined(n_classes: int, k: int) -> bool:
+    """top-k says something only with more than k classes (else it is 1.0 by construction)."""
+    return n_classes > k
 
 
 def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, config: LinearConfig,
@@ -158,11 +158,27 @@ def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, c
     init = path[best] if config.solver == "torch" else None
     model = _fit(norm(x), y, [Cs[best]], config, n_classes, init=init)[0]
     scores = _scores(model, norm(xv))  # the only time val is touched
-    weight, bias = _head(model)
-    return {"C": Cs[best], "sweep": sweep, "top1": topk(scores, yv, 1), "top5": topk(scores, yv, 5),
-            "mean_per_class_recall": mean_per_class_recall(scores.argmax(1), yv),
+    weight, bias = model.head()
+    metrics = {"top1": topk(scores, yv, 1), "mean_per_class_recall": mean_per_class_recall(scores.argmax(1), yv)}
+    if topk_defined(n_classes, 5):
+        metrics["top5"] = topk(scores, yv, 5)
+    return {"C": Cs[best], "sweep": sweep, **metrics,
+            "convergence": {"sweep": [m.convergence() for m in path], "refit": model.convergence()},
             "head": {"weight": weight, "bias": bias, **({"mean": norm.mean, "std": norm.std}
                                                         if config.normalize == "standardize" else {})}}
+
+
+def convergence_warnings(runs: list[dict]) -> list[str]:
+    """One line per seed whose refit did not converge (the reported numbers come from that fit)."""
+    out = []
+    for seed, run in enumerate(runs):
+        refit = run["convergence"]["refit"]
+        if not refit["converged"]:
+            gradient = (f", relative gradient {refit['relative_gradient']:.2g} > tol {refit['tol']:g}"
+                        if "relative_gradient" in refit else "")
+            out.append(f"linear probe refit at C={refit['C']:g} (seed {seed}) did not converge in "
+                       f"{refit['n_iter']} iterations{gradient}")
+    return out
 
 
 def save_head(path, head: dict, *, pool: str, layer, root: str, class_names: list[str]) -> None:
@@ -192,12 +208,17 @@ class LinearProbe:
                 for seed in range(config.seeds)]
         used = {**asdict(config), "layers": resolved}
         result = {
-            "metrics": {m: summarize([r[m] for r in runs]) for m in ("top1", "top5", "mean_per_class_recall")},
+            "metrics": {m: summarize([r[m] for r in runs]) for m in ("top1", "top5", "mean_per_class_recall")
+                        if m in runs[0]},
             "chosen_C": [r["C"] for r in runs], "sweep": [r["sweep"] for r in runs],
+            "convergence": [r["convergence"] for r in runs], "warnings": convergence_warnings(runs),
             "data": {"train": len(y), "val": len(yv), "classes": train.meta["data"]["num_classes"],
                      "root": train.meta["data"]["root"]},
             "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
         }
+        n_classes = train.meta["data"]["num_classes"]
+        if not topk_defined(n_classes, 5):
+            result["undefined_metrics"] = {"top5": f"top-5 of {n_classes} classes is 1.0 by construction"}
         out = artifact_dir(encoder, context, self.name)
         if out is not None and len(resolved) == 1 and "mean" in runs[0]["head"]:  # a linear map of pooled tokens
             save_head(out / "head.safetensors", runs[0]["head"], pool=config.pool, layer=resolved[0],

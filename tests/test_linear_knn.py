@@ -30,8 +30,7 @@ def test_torch_solver_matches_sklearn(C):
     clip_recipe = SkLogisticRegression(C=C, max_iter=1000).fit(x, y)
     assert abs(ours.score(xt, yt) - clip_recipe.score(xt, yt)) <= 0.003
     exact = SkLogisticRegression(C=C, max_iter=20000, tol=1e-10).fit(x, y)  # sklearn's optimum, tightly
-    reference = LogisticRegression(C=C)
-    reference.coef_, reference.intercept_ = torch.tensor(exact.coef_).float(), torch.tensor(exact.intercept_).float()
+    reference = LogisticRegression.from_sklearn(exact)
     assert abs(ours.objective(x, y) - reference.objective(x, y)) <= 1e-4 * reference.objective(x, y)
 
 
@@ -161,8 +160,11 @@ def test_cli_run_writes_linear_and_knn_results(tmp_path):
     linear_result, knn_result = record["probes"]["imagenet"], record["probes"]["knn"]
     assert linear_result["status"] == "ok" and linear_result["config"]["solver"] == "sklearn"
     assert linear_result["data"] == {"train": 18, "val": 9, "classes": 3, "root": str(data)}
-    assert set(knn_result["metrics"]) == {"top1@k=10", "top5@k=10", "top1@k=20", "top5@k=20"}
-    assert knn_result["metrics"]["top5@k=10"]["value"] == 1.0  # 3 classes: every class is in the top 5
+    # 3 classes: top-5 would be 1.0 by construction, so it is left out and said why
+    assert set(knn_result["metrics"]) == {"top1@k=10", "top1@k=20"}
+    assert set(knn_result["undefined_metrics"]) == {"top5@k=10", "top5@k=20"}
+    assert set(linear_result["metrics"]) == {"top1", "mean_per_class_recall"}
+    assert "3 classes" in linear_result["undefined_metrics"]["top5"]
 
 
 @pytest.mark.parametrize("options", [{"ks": []}, {"ks": [0]}, {"temperature": 0}])
@@ -197,3 +199,62 @@ def test_saved_head_reproduces_the_reported_top1(tmp_path, solver, classes):
     x = (np.asarray(val.pooled("mean"), np.float64) - head["mean"]) / head["std"]
     top1 = float(((x @ head["weight"].T.astype(np.float64) + head["bias"]).argmax(1) == val.labels).mean())
     assert top1 == result["metrics"]["top1"]["value"]
+
+
+# --------------------------------------------------------------------------------------------
+# two classes: C is sklearn's C (binomial model), and convergence is recorded
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lfw_features(tmp_path_factory):
+    """Standardised pooled features of the built-in ImageNet MobileNetV2 on lfw-faces (face vs not)."""
+    from encoder_probe.probe import labelled_arrays
+    encoder = load_encoder("torchvision:mobilenet_v2@imagenet")
+    x, y, xv, yv, _ = labelled_arrays(encoder, {"lfw-faces": None}, LinearConfig(),
+                                      {"cache": tmp_path_factory.mktemp("lfw"), "progress": False})
+    norm = linear.Normalizer("standardize", x)
+    return norm(x), y, norm(xv), yv
+
+
+@pytest.mark.parametrize("C", [0.001, 0.1, 10.0])
+def test_two_classes_fit_sklearns_binomial_model_at_the_same_C(lfw_features, C):
+    x, y, xv, yv = lfw_features
+    assert len(np.unique(y)) == 2
+    ours = LogisticRegression(C=C).fit(x, y)
+    exact = SkLogisticRegression(C=C, tol=1e-12, max_iter=100000).fit(x.astype(np.float64), y)
+    reference = LogisticRegression.from_sklearn(exact)
+    assert ours.coef_.shape == exact.coef_.shape == (1, x.shape[1])  # one weight vector, as sklearn's
+    assert ours.converged_
+    assert abs(ours.objective(x, y) - reference.objective(x, y)) <= 1e-4 * reference.objective(x, y)
+    assert np.array_equal(ours.predict(xv), exact.predict(xv))
+    # the decision values are sklearn's too (1-D for two classes), not those of a model at 2C
+    assert np.allclose(ours.decision_function(xv).numpy(), exact.decision_function(xv), rtol=1e-2, atol=1e-2)
+    at_2C = SkLogisticRegression(C=2 * C, tol=1e-12, max_iter=100000).fit(x.astype(np.float64), y)
+    assert not np.allclose(ours.decision_function(xv).numpy(), at_2C.decision_function(xv), rtol=1e-2, atol=1e-2)
+
+
+def test_probe_solvers_agree_on_two_classes_and_record_convergence(lfw_features):
+    x, y, xv, yv = lfw_features
+    runs = {solver: run_protocol(x, y, xv, yv, LinearConfig(solver=solver, Cs=[1e-4, 1e-3, 1e-2]), 0, 2)
+            for solver in ("torch", "sklearn")}
+    assert runs["torch"]["C"] == runs["sklearn"]["C"]
+    assert runs["torch"]["top1"] == runs["sklearn"]["top1"]
+    assert "top5" not in runs["torch"]  # 2 classes: undefined
+    torch_conv = runs["torch"]["convergence"]
+    assert [c["C"] for c in torch_conv["sweep"]] == [1e-4, 1e-3, 1e-2]
+    refit = torch_conv["refit"]
+    assert refit["converged"] and refit["relative_gradient"] <= refit["tol"] and refit["n_iter"] > 0
+    assert runs["sklearn"]["convergence"]["refit"]["converged"] is True
+
+
+def test_unconverged_refit_is_recorded_and_warned():
+    x, y = gaussian_classes(400, k=5)
+    xv, yv = gaussian_classes(100, k=5, seed=3)
+    config = LinearConfig(Cs=[1000.0], max_iter=3)
+    run = run_protocol(x, y, xv, yv, config, 0, 5)
+    refit = run["convergence"]["refit"]
+    assert refit["n_iter"] <= 3 and not refit["converged"] and refit["relative_gradient"] > refit["tol"]
+    # its gradient is the objective's real gradient at the returned solution
+    model = LogisticRegression(C=1000.0, max_iter=3).fit(linear.Normalizer("standardize", x)(x), y)
+    assert model.grad_norm_ > 0 and not model.converged_
+    [warning] = linear.convergence_warnings([run])
+    assert "C=1000" in warning and "did not converge in 3 iterations" in warning

@@ -191,19 +191,23 @@ def permutations(n: int, repeats: int, seed: int):
         yield torch.from_numpy(rng.permutation(n))
 
 
-def permutation_null(metric, x, y, repeats: int = 100, seed: int = 0, progress: bool = False, prepared=None) -> Null:
+def permutation_null(metric, x, y, repeats: int = 100, seed: int = 0, progress: bool = False, prepared=None,
+                     label: str | None = None) -> Null:
     """Score ``metric(x, y)`` and its null: ``y``'s rows shuffled across images ``repeats`` times.
 
     ``metric`` is a MutualKNN / LinearCKA (each side prepared once, permutations re-index the
     prepared state) or any callable ``(x, y) -> float`` (recomputed on every shuffle).
-    ``prepared``: (state of x, state of y) when the caller already has them.
+    ``prepared``: (state of x, state of y) when the caller already has them. ``progress``: a bar
+    on stderr, ``align [LABEL] null METRIC`` (``label``: the encoders compared, e.g.
+    ``timm:vit_small@dpo… vs timm:vit_small@sft…``), one step per shuffle.
     """
     from tqdm.auto import tqdm
     if repeats < 2:
         raise SpecError(f"a permutation null needs repeats >= 2, got {repeats}")
     check_pair(x, y)
+    name = f"align [{label}]" if label else "align"
     shuffles = tqdm(permutations(len(y), repeats, seed), total=repeats, disable=not progress, file=sys.stderr,
-                    desc=f"null {getattr(metric, 'name', 'metric')}", leave=False)
+                    desc=f"{name} null {getattr(metric, 'name', 'metric')} (seed {seed})", unit="shuffle")
     if hasattr(metric, "prepare"):
         a, b = prepared or (metric.prepare(x), metric.prepare(y))
         index = (b[0] if isinstance(b, tuple) else b).device

@@ -24,6 +24,7 @@ import numpy as np
 from encoder_probe.alignment import LinearCKA, MutualKNN, permutation_null, same_architecture, weight_drift
 from encoder_probe.errors import DataError, EncoderProbeError, SpecError
 from encoder_probe.probe import artifact_dir, checked_features, config_from, config_hash, summarize
+from encoder_probe.report.compare import short_spec
 
 
 @dataclass
@@ -173,8 +174,10 @@ class AlignProbe:
                 suffix = "" if len(layers) == 1 else f"@L{layer}"
                 for metric in _metrics(config, device):
                     prepared = (metric.prepare(x), metric.prepare(y))
+                    label = f"{short_spec(encoder.spec)} vs {short_spec(ref.spec)}"
                     nulls = [permutation_null(metric, x, y, config.repeats, config.seed + s,
-                                              context.get("progress", True), prepared) for s in range(config.seeds)]
+                                              context.get("progress", True), prepared, label=label)
+                             for s in range(config.seeds)]
                     key = f"{prefix}{metric.name}{suffix}"
                     metrics[key] = summarize([nulls[0].score])
                     zs = [n.z for n in nulls if n.z is not None]  # a null without spread has no z

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,7 +147,8 @@ def _fit_head(encoder, data, config, context):
     mean, std = x.mean(0), x.std(0) + 1e-6
     clf = LogisticRegression(C=config.C, device=config.device, n_classes=len(train.class_names))
     clf.fit((x - mean) / std, y)
-    head = HeadTarget(encoder, clf.coef_.cpu().numpy(), clf.intercept_.cpu().numpy(), pool=config.pool,
+    weight, bias = clf.head()  # full width: two classes are sklearn's binomial model, as logits (0, w.x + b)
+    head = HeadTarget(encoder, weight, bias, pool=config.pool,
                       mean=mean, std=std, class_names=train.class_names)
     info = {"fitted_on": train.meta["data"]["root"], "train": len(y), "C": config.C,
             "val_top1": clf.score((xv - mean) / std, yv), "classes": train.class_names}
@@ -227,7 +229,10 @@ def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
     keep = {"index": [], "classes": [], "chance": [], "images": [], "inside": [], "labels": []}
     grid = None
     batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
-    for batch in tqdm(batches, desc=f"gradcam {kind}", unit="batch", disable=not progress or None):
+    from encoder_probe.report.compare import short_spec
+    bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps", unit="batch", disable=not progress,
+               file=sys.stderr)
+    for batch in bar:
         index = [it[0] if kind == "mllm" else it for it in batch]
         samples = [dataset[i] for i in index]
         bad = [s for s in samples if not isinstance(s, dict)]

@@ -3,6 +3,10 @@
 Each val image takes its k most cosine-similar train images; neighbour j votes for its class
 with weight exp(sim_j / T). Classes are ranked by summed votes (ties: lower class index first):
 top-1 and top-5 for every k. Computed in the features' dtype.
+
+A top-t metric is reported only when the data has more than t classes: top-5 of five classes or
+fewer is 1.0 by construction, so it is left out (and named in ``undefined_metrics``), the rule the
+linear probe applies too.
 """
 from __future__ import annotations
 
@@ -66,6 +70,13 @@ class KNNProbe:
         scores = knn_accuracy(x, y, xv, yv, ks=config.ks, temperature=config.temperature,
                               n_classes=train.meta["data"]["num_classes"], chunk=config.chunk, device=config.device)
         used = {**asdict(config), "layers": train.layers}
-        metrics = {f"top{t}@k={k}": summarize([s[f"top{t}"]]) for k, s in scores.items() for t in (1, 5)}
-        return {"metrics": metrics, "data": {"train": len(y), "val": len(yv)}, "config": used,
-                "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3)}
+        n_classes = train.meta["data"]["num_classes"]
+        metrics = {f"top{t}@k={k}": summarize([s[f"top{t}"]]) for k, s in scores.items() for t in (1, 5)
+                   if n_classes > t}
+        undefined = {f"top{t}@k={k}": f"top-{t} of {n_classes} classes is 1.0 by construction"
+                     for k in scores for t in (1, 5) if n_classes <= t}
+        result = {"metrics": metrics, "data": {"train": len(y), "val": len(yv), "classes": n_classes},
+                  "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3)}
+        if undefined:
+            result["undefined_metrics"] = undefined
+        return result

@@ -15,6 +15,7 @@ PIVOT paper reports; see ``encoder_probe.segmentation`` for exactly what each me
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -127,10 +128,12 @@ def _pixel_loss(logits, masks, grid):
 
 
 def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_classes: int, seed: int,
-                desc: str = "seg heads") -> list[tuple[nn.Module, nn.Module]]:
+                desc: str = "seg heads", progress: bool = False) -> list[tuple[nn.Module, nn.Module]]:
     """Train, for every lr, a pixel head (CE) and a patch head (BCE on patch class sets) on ``rows``.
 
     Every batch is read once and feeds all heads. Returns [(pixel_head, patch_head)] in ``lrs`` order.
+    ``progress``: a bar named ``desc`` on stderr, one step per batch (shown whether or not stderr
+    is a terminal, as the feature extraction's bars are; the run's ``progress`` flag turns it off).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -143,7 +146,8 @@ def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_clas
             head.to(source.device).train()
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
             bank.append((head, opt, warmup_cosine(opt, steps_per_epoch * config.epochs, config.warmup)))
-    with tqdm(total=steps_per_epoch * config.epochs, desc=desc, leave=False, disable=None) as bar:
+    with tqdm(total=steps_per_epoch * config.epochs, desc=desc, unit="step", disable=not progress,
+              file=sys.stderr) as bar:
         for _ in range(config.epochs):
             order = rng.permutation(rows)
             for start in range(0, len(order), config.head_batch):
@@ -191,15 +195,22 @@ def holdout_images(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.setdiff1d(np.arange(n), held), held
 
 
-def run_protocol(train, val, config: SegConfig, num_classes: int, seed: int) -> dict:
-    """lr chosen on held-out train images, refit on all train, val scored once; returns val scores."""
+def run_protocol(train, val, config: SegConfig, num_classes: int, seed: int, *, label: str = "",
+                 progress: bool = False) -> dict:
+    """lr chosen on held-out train images, refit on all train, val scored once; returns val scores.
+
+    ``label`` names the encoder in the progress bars: ``seg [timm:vit_small…] lr sweep``."""
     fit, held = holdout_images(len(train), config.holdout, seed)
+    name = f"seg [{label}]" if label else "seg"
+    of_seed = f" (seed {seed + 1}/{config.seeds})" if config.seeds > 1 else ""
     sweep = evaluate_heads(train, held, train_heads(train, fit, config.lrs, config, num_classes, seed,
-                                                    desc=f"seg lr sweep (seed {seed})"), num_classes)
+                                                    desc=f"{name} lr sweep{of_seed}", progress=progress),
+                           num_classes)
     best_pixel = int(np.nanargmax([s["mIoU"] for s in sweep]))
     best_patch = int(np.nanargmax([s["patch_macro_f1"] for s in sweep]))
     lrs = [config.lrs[best_pixel], config.lrs[best_patch]]
-    final = train_heads(train, np.arange(len(train)), lrs, config, num_classes, seed, desc=f"seg refit (seed {seed})")
+    final = train_heads(train, np.arange(len(train)), lrs, config, num_classes, seed,
+                        desc=f"{name} refit{of_seed}", progress=progress)
     pixel_head, patch_head = final[0][0], final[1][1]
     scores = evaluate_heads(val, np.arange(len(val)), [(pixel_head, patch_head)], num_classes)[0]
     return {**scores, "lr": lrs[0], "patch_lr": lrs[1], "pixel_head": pixel_head,
@@ -263,11 +274,14 @@ class SegProbe:
         num_classes = train_set.meta["data"]["num_classes"]
         device = torch.device(config.device or "cpu")
         train, val = (CachedTokens(f, f.layers, device) for f in (train_set, val_set))
-        runs = [run_protocol(train, val, config, num_classes, seed) for seed in range(config.seeds)]
+        from encoder_probe.report.compare import short_spec
+        runs = [run_protocol(train, val, config, num_classes, seed, label=short_spec(encoder.spec),
+                             progress=context.get("progress", True)) for seed in range(config.seeds)]
 
         names = train_set.class_names
-        per_class = np.nanmean(np.array([r["iou"] for r in runs], dtype=float), axis=0) \
-            if any(np.isfinite(r["iou"]).any() for r in runs) else np.full(num_classes, np.nan)
+        ious = np.array([r["iou"] for r in runs], dtype=float)
+        seen = np.isfinite(ious).sum(0)  # a class no seed saw (nor predicted) has no IoU, not a warning
+        per_class = np.where(seen > 0, np.nansum(ious, axis=0) / np.maximum(seen, 1), np.nan)
         used = {**asdict(config), "layers": train_set.layers, "grid": list(train_set.grid)}
         result = {
             "metrics": {m: summarize([r[m] for r in runs]) for m in ("mIoU", "pixel_accuracy", "patch_macro_recall")},

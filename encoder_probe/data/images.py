@@ -5,14 +5,24 @@ becomes 8-bit RGB the way torchvision's ImageFolder loader does (``convert("RGB"
 16-bit images, which are scaled down rather than clipped. An unreadable or truncated file is
 reported as a ``BadSample`` value instead of an exception, so a DataLoader worker can hand it
 back to the main process, which applies the fail/skip policy with the file named.
+
+Huge images: past PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 M pixels)
+an image is still read, with one line of ours naming the file on the ``encoder_probe`` logger
+(stderr unless logging is configured) instead of PIL's DecompressionBombWarning; past twice the
+limit PIL refuses it and it is a bad image like any unreadable one (the fail/skip policy).
 """
 from __future__ import annotations
 
+import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger("encoder_probe.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -47,17 +57,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+@contextmanager
+def open_image(path: str | Path):
+    """``Image.open`` + ``load()``, with PIL's DecompressionBombWarning replaced by our one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            _warn_if_huge(path, image.size)
+            yield image
+
+
+def _warn_if_huge(path, size) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = max(1, size[0]) * max(1, size[1])
+    if limit and pixels > limit:  # PIL's own rule; past 2 x limit it has already refused the file
+        log.warning(f"warning: {path}: {size[0]}x{size[1]} image ({pixels:,} pixels) is over PIL's "
+                    f"decompression-bomb limit ({limit:,}); read anyway")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode fully (so truncation surfaces here, not later) and convert to RGB."""
-    with Image.open(path) as image:
-        image.load()
+    with open_image(path) as image:
         return to_rgb(image)
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """A label map as (H, W) uint8 raw labels; palette PNGs keep their indices."""
-    with Image.open(path) as mask:
-        mask.load()
+    with open_image(path) as mask:
         if mask.mode not in ("L", "P", "I;16", "I", "1"):
             raise ValueError(f"mask mode {mask.mode} is not a single-channel label map")
         array = np.asarray(mask)

@@ -125,8 +125,8 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
         import zipfile  # mmap needs the zip format; legacy (torch < 1.6) files are read whole
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{file}: refused to unpickle: not a plain weights file "
-                              f"(it asks to run code: {_one_line(e)[:160]})") from None
+        raise CheckpointError(f"{file}: refused to unpickle: {_refusal(e)}; only plain tensors and containers "
+                              "are read (torch.load weights_only=True)") from None
     except Exception as e:
         raise CheckpointError(f"{file}: unreadable checkpoint ({_one_line(e)[:200]})") from None
     # unwrap the usual training-script containers
@@ -143,6 +143,30 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
+
+
+# torch's weights-only unpickler names what it refused in one of these forms (torch 2.4 .. 2.x):
+#   "Unsupported global: GLOBAL builtins.exec was not an allowed global by default."
+#   "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+_GLOBAL = re.compile(r"\bGLOBAL\s+([A-Za-z_][\w.]*[\w])")
+_OPERATION = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\.?$)", re.S)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _refusal(e: Exception) -> str:
+    """What the weights-only unpickler refused, from its (long, multi-line) message: the global
+    it would have imported and called, else its own one-sentence reason, else the whole text."""
+    text = _ANSI.sub("", str(e))
+    found = _GLOBAL.search(text)
+    if found:
+        name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"
+        module, _, attr = name.rpartition(".")
+        alias = f" = os.{attr}" if module in ("posix", "nt") else ""  # how os.system pickles
+        return f"it asks to run code (GLOBAL {name}{alias} is not allowed)"
+    reason = _OPERATION.search(text)
+    if reason:
+        return f"not a plain weights file ({' '.join(reason.group(1).split())})"
+    return f"not a plain weights file ({_one_line(_ANSI.sub('', str(e)))})"
 
 
 def load_into(

@@ -3,8 +3,13 @@
 Native ViTs read their blocks through ``forward_intermediates`` (layer "final" = last block after
 ``ln_post``, what the pooled embedding is made from); towers with a timm trunk (SigLIP,
 ConvNeXt, ...) read the trunk. The text tower stays loaded for image-text targets.
+The model is built with ``pretrained=None`` on purpose (random init, or the ``@weights`` we load
+ourselves; ``describe()["weights"]`` says which), so open_clip's random-init warning is silenced.
 """
 from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -60,6 +65,36 @@ class OpenClipEncoder(VisionEncoder):
         return pooled @ visual.proj if visual.proj is not None else pooled
 
 
+class _DropRandomInitWarning:
+    """A logging filter that drops open_clip's "No pretrained weights loaded ... initialized randomly"."""
+
+    def filter(self, record) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("No pretrained weights loaded"))
+
+
+@contextmanager
+def _no_random_init_warning():
+    """Silence open_clip's random-init warning around ``create_model(pretrained=None)``.
+
+    open_clip logs it through the *root* logger (``logging.warning``), which also calls
+    ``logging.basicConfig()`` when root has no handler: a stderr handler would stay installed
+    for the whole process. A NullHandler keeps root configured-looking meanwhile, and the
+    filter drops just that record; both are removed afterwards.
+    """
+    root = logging.getLogger()
+    guard = logging.NullHandler() if not root.handlers else None
+    drop = _DropRandomInitWarning()
+    if guard is not None:
+        root.addHandler(guard)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        if guard is not None:
+            root.removeHandler(guard)
+
+
 @register_source("open_clip", description="open_clip image towers: open_clip:ARCH (random init) or "
                  "open_clip:ARCH@weights", takes_weights=True)
 def load(arch: str, weights=None, *, spec: str, layer=None, with_projector=False):
@@ -68,7 +103,8 @@ def load(arch: str, weights=None, *, spec: str, layer=None, with_projector=False
 
     if arch not in open_clip.list_models():
         raise SpecError(f"open_clip: unknown architecture {arch!r} (see open_clip.list_models())")
-    model = open_clip.create_model(arch, pretrained=None)
+    with _no_random_init_warning():  # random init (or our own weights, loaded next) is what we asked for
+        model = open_clip.create_model(arch, pretrained=None)
     if weights is not None:
         reader = CheckpointReader(weights)
         state = reader.load(reader.keys())

@@ -34,6 +34,10 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     encoder.tower_source, encoder.source = encoder.source, "pivot"
     encoder.spec = spec
     encoder.projector, encoder.with_projector = projector.eval(), with_projector
-    encoder.details.update({"tower": f"{vision['spec']} ({encoder.tower_source} adapter)",
-                            "stage": config.get("stage", "?"), "projector": config.get("projector_type")})
+    stage = config.get("stage", "?")
+    # the tower's own loader recorded where *its* weights came from ("random init", an ImageNet
+    # file); the trained weights replaced them, so the trainer's file is where these come from
+    encoder.details.update({"weights": f"{path / WEIGHTS} (PIVOT trainer checkpoint, stage {stage})",
+                            "tower": f"{vision['spec']} ({encoder.tower_source} adapter)",
+                            "stage": stage, "projector": config.get("projector_type")})
     return encoder

@@ -2,8 +2,11 @@
 
 A metric regresses when it falls below ``baseline - tolerance`` (above ``baseline + tolerance``
 when lower is better). A baseline metric that the run lacks (probe failed or absent) counts as
-a regression too: a gate that passes because a probe crashed guards nothing. Baseline and run
-must share the protocol (config hashes), as in ``compare``.
+a regression too: a gate that passes because a probe crashed guards nothing. The one exception
+is a metric the run's probe says is undefined for its data (``undefined_metrics``, e.g. top-5 of
+five classes, which an older baseline may still carry as a trivial 1.0): its status is
+"undefined", with a note, and it does not fail the gate. Baseline and run must share the
+protocol (config hashes), as in ``compare``. Rows follow the runs in the order they were run.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from .schema import load_results, load_runs, results_files, validate
 
 EPS = 1e-12  # float slack: 0.79 against 0.80 - 0.01 is not a regression
 CHECK_COLUMNS = ["run", "probe", "metric", "baseline", "value", "delta", "tolerance", "higher_is_better", "status"]
+FAILING = ("regression", "missing")  # statuses that fail the gate; "ok" and "undefined" do not
 
 
 def parse_tolerances(items) -> dict[str, float]:
@@ -52,7 +56,7 @@ class CheckResult:
 
     @property
     def regressions(self) -> pd.DataFrame:
-        return self.table[self.table["status"] != "ok"]
+        return self.table[self.table["status"].isin(FAILING)]
 
     @property
     def passed(self) -> bool:
@@ -73,7 +77,7 @@ class CheckResult:
         return self.to_markdown()
 
 
-def _check_one(label: str, run: dict, baseline: dict, tolerances: dict) -> list[dict]:
+def _check_one(label: str, run: dict, baseline: dict, tolerances: dict, notes: list | None = None) -> list[dict]:
     rows = []
     for probe, base in baseline["probes"].items():
         if base["status"] != "ok":
@@ -84,10 +88,15 @@ def _check_one(label: str, run: dict, baseline: dict, tolerances: dict) -> list[
             m = current.get("metrics", {}).get(metric) if current.get("status") == "ok" else None
             row = {"run": label, "probe": probe, "metric": metric, "baseline": b["value"], "value": None,
                    "delta": None, "tolerance": tol, "higher_is_better": b["higher_is_better"], "status": "missing"}
+            undefined = (current.get("undefined_metrics") or {}).get(metric) if current.get("status") == "ok" else None
             if m is not None and m["value"] is not None and b["value"] is not None:
                 worse = m["value"] < b["value"] - tol - EPS if b["higher_is_better"] else \
                     m["value"] > b["value"] + tol + EPS
                 row.update(value=m["value"], delta=m["value"] - b["value"], status="regression" if worse else "ok")
+            elif m is None and undefined is not None:
+                row["status"] = "undefined"
+                if notes is not None:
+                    notes.append(f"{probe}/{metric} is not checked for {label}: {undefined}")
             rows.append(row)
     return rows
 
@@ -106,6 +115,6 @@ def check(run, baseline, tolerance=None, *, allow_mixed: bool = False) -> CheckR
     rows, notes = [], []
     for label, record in zip(run_labels(runs), runs):
         notes += require_comparable([base, record], ["baseline", label], allow_mixed)
-        rows += _check_one(label, record, base, tolerances)
+        rows += _check_one(label, record, base, tolerances, notes)
     known = {f"{r['probe']}/{r['metric']}" for r in rows} | {r["metric"] for r in rows} | {"*"}
     return CheckResult(pd.DataFrame(rows, columns=CHECK_COLUMNS), sorted(set(tolerances) - known), notes)

@@ -10,10 +10,16 @@ rather than the protocol (``NON_PROTOCOL``: resolved layers, device, batch sizes
 
 Noise: with 95% CIs on both sides (seeds > 1), a difference is *outside the noise* when the two
 intervals do not overlap, else *inside*; without CIs nothing is claimed.
+
+Order and reference: runs are shown in the order they were run (see ``schema.load_runs``), and
+every delta is against the reference run: the first one unless ``reference`` names another (a
+run label, an encoder spec or a fingerprint prefix). A metric one run reports and another does
+not (e.g. top-5 left out on data of five classes or fewer) is shown as absent there, never as 0.
 """
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +33,32 @@ TABLE_COLUMNS = ["probe", "metric", "run", "value", "ci_low", "ci_high", "n_seed
                  "delta", "noise"]
 
 
+def spec_label(spec: str) -> str:
+    """An encoder spec with its paths cut to their last part: ``timm:vit_small@sft.safetensors``."""
+    source, at, weights = spec.partition("@")
+    prefix, colon, target = source.partition(":") if ":" in source.split("/")[0] else ("", "", source)
+    label = prefix + colon + (Path(target.rstrip("/")).name if "/" in target else target)
+    return label + (f"@{Path(weights).name}" if at else "")
+
+
+def short_spec(spec: str, width: int = 32) -> str:
+    """:func:`spec_label` in at most ``width`` characters, for progress bars: the architecture gives
+    way to "…" before the weights' file name does (that is what tells two checkpoints apart),
+    ``timm:vit_small_…@sft.safetensors``; else the middle of the label gives way."""
+    label = spec_label(spec)
+    if len(label) <= width:
+        return label
+    source, at, weights = label.partition("@")
+    room = width - 1 - len(at + weights)
+    if at and room >= 8:
+        return source[:room] + "…" + at + weights
+    head = max(1, (width - 1) * 2 // 5)
+    return label[:head] + "…" + label[len(label) - (width - 1 - head):]
+
+
 def run_labels(records: list[dict]) -> list[str]:
     """Short unique names: the spec with weight paths cut to their file name; repeats get a suffix."""
-    labels = []
-    for record in records:
-        spec = record["encoder"]["spec"]
-        source, at, weights = spec.partition("@")
-        prefix, colon, target = source.partition(":") if ":" in source.split("/")[0] else ("", "", source)
-        label = prefix + colon + (Path(target).name if "/" in target else target)
-        labels.append(label + (f"@{Path(weights).name}" if at else ""))
+    labels = [spec_label(record["encoder"]["spec"]) for record in records]
     seen: dict[str, int] = {}
     unique = []
     for label, record in zip(labels, records):
@@ -125,6 +148,49 @@ def data_differences(records: list[dict], labels: list[str]) -> list[str]:
     return notes
 
 
+def probe_warnings(records: list[dict], labels: list[str]) -> list[str]:
+    """A probe's own ``warnings`` (e.g. a linear-probe refit that did not converge), one note each."""
+    return [f"{label} {probe}: {warning}" for label, record in zip(labels, records)
+            for probe, result in record["probes"].items() for warning in (result.get("warnings") or [])]
+
+
+def undefined_notes(records: list[dict], labels: list[str]) -> list[str]:
+    """Notes for metrics a run left out as undefined for its data while another run reports them."""
+    notes = []
+    for label, record in zip(labels, records):
+        for probe, result in record["probes"].items():
+            for metric, why in (result.get("undefined_metrics") or {}).items():
+                if any(metric in (r["probes"].get(probe, {}).get("metrics") or {}) for r in records):
+                    notes.append(f"{probe}/{metric} is left out for {label}: {why}")
+    return notes
+
+
+def resolve_reference(reference, records: list[dict], labels: list[str]) -> int:
+    """The index of the reference run: an index, a run label, an encoder spec or a fingerprint prefix
+    (4+ characters); anything else is a DataError listing the run labels."""
+    listed = ", ".join(labels)
+    if isinstance(reference, bool):
+        raise DataError(f"reference run {reference!r}: give a run label, spec or fingerprint prefix ({listed})")
+    if isinstance(reference, numbers.Integral):
+        reference = int(reference)
+        if not 0 <= reference < len(records):
+            raise DataError(f"reference run {reference} out of range (0..{len(records) - 1}); runs: {listed}")
+        return reference
+    wanted = str(reference).strip()
+    for matches in ([i for i, label in enumerate(labels) if label == wanted],
+                    [i for i, r in enumerate(records) if r["encoder"]["spec"] == wanted],
+                    [i for i, r in enumerate(records) if len(wanted) >= 4
+                     and r["encoder"]["fingerprint"].lower().startswith(wanted.lower())]):
+        if len(set(matches)) == 1:
+            return matches[0]
+        if matches:
+            raise DataError(f"--reference {wanted!r} matches {len(matches)} runs "
+                            f"({', '.join(labels[i] for i in matches)}); give its run label or a longer "
+                            "fingerprint prefix")
+    raise DataError(f"--reference {wanted!r}: no such run; runs: {listed} "
+                    "(a run label, an encoder spec or a fingerprint prefix of 4+ characters)")
+
+
 def noise(a: dict, b: dict) -> str:
     """'outside' when both 95% CIs exist and do not overlap, 'inside' when they overlap, '' without CIs."""
     if not a.get("ci95") or not b.get("ci95"):
@@ -177,14 +243,22 @@ def _delta_cell(row) -> str:
     return text
 
 
-def wide_table(table: pd.DataFrame, labels: list[str], reference: int = 0) -> pd.DataFrame:
-    """One row per (probe, metric): each run's value [CI] and, for the others, the delta to the reference."""
+def wide_table(table: pd.DataFrame, labels: list[str], reference: int = 0,
+               records: list[dict] | None = None) -> pd.DataFrame:
+    """One row per (probe, metric): each run's value [CI] and, for the others, the delta to the reference.
+
+    A run without the metric shows "-", or "n/a" where its probe says the metric is undefined
+    for its data (``undefined_metrics``; needs ``records``)."""
+    def absent(i: int, probe: str, metric: str) -> str:
+        result = records[i]["probes"].get(probe, {}) if records is not None else {}
+        return "n/a" if metric in (result.get("undefined_metrics") or {}) else "-"
+
     rows = []
     for (probe, metric), group in table.groupby(["probe", "metric"], sort=False):
         by_run = {row["run"]: row for _, row in group.iterrows()}
         row = {"probe": probe, "metric": metric}
         for i, label in enumerate(labels):
-            row[label] = _cell(by_run[label]) if label in by_run else "-"
+            row[label] = _cell(by_run[label]) if label in by_run else absent(i, probe, metric)
             if i != reference:
                 row[f"Δ {label}"] = _delta_cell(by_run[label]) if label in by_run else ""
         rows.append(row)
@@ -219,27 +293,35 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     failures: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
+    reference: int = 0  # index into records / labels of the run every delta is taken against
+
+    @property
+    def reference_label(self) -> str:
+        return self.labels[self.reference]
 
     def _repr_markdown_(self) -> str:  # shown inline in notebooks
         return to_markdown(self.wide)
 
 
-def compare(runs, out: str | Path | None = None, *, allow_mixed: bool = False, reference: int = 0,
+def compare(runs, out: str | Path | None = None, *, allow_mixed: bool = False, reference: int | str | None = None,
             plots: bool = True) -> Comparison:
     """Compare runs (results.json paths, run dirs or loaded records); with ``out``, write the report.
 
+    Runs keep the order they were run in (a run dir's results by their ``created`` time; paths
+    given one by one in the order given). ``reference``: the run every delta is against, as an
+    index, a run label, an encoder spec or a fingerprint prefix (default: the first run).
     ``out`` gets table.csv (long form), table.md, one bar chart per probe (metric_<probe>.png),
     gradient-map overlays side by side (overlay_<probe>.png), report.md and a self-contained
     report.html. Nothing is written when the runs are refused.
     """
     records = load_runs(runs)
     labels = run_labels(records)
-    if not 0 <= reference < len(records):
-        raise DataError(f"reference run {reference} out of range (0..{len(records) - 1})")
-    notes = require_comparable(records, labels, allow_mixed) + data_differences(records, labels)
+    reference = resolve_reference(0 if reference is None else reference, records, labels)
+    notes = require_comparable(records, labels, allow_mixed) + data_differences(records, labels) \
+        + undefined_notes(records, labels) + probe_warnings(records, labels)
     table = metrics_table(records, labels, reference)
-    result = Comparison(records, labels, table, wide_table(table, labels, reference), notes,
-                        failures(records, labels))
+    result = Comparison(records, labels, table, wide_table(table, labels, reference, records), notes,
+                        failures(records, labels), reference=reference)
     if out is not None:
         write_report(result, Path(out), plots=plots)
     return result

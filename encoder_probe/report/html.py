@@ -1,7 +1,9 @@
 """report.md and a self-contained report.html (every picture inlined as a data: URI).
 
 The HTML needs no other file and no network: it can be mailed, attached to a CI run or opened
-from a browser's downloads folder and still show its tables and images.
+from a browser's downloads folder and still show its tables and images. Wide tables stay inside
+the page: long cells (specs, fingerprints, hashes) wrap, and a table that still does not fit
+scrolls inside its own box rather than widening the page.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from pathlib import Path
 from .plots import IMAGE_KINDS, artifact_path
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px;overflow-wrap:anywhere}
+.table{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere;
+word-break:break-word;min-width:4em}
 th{background:#f3f3f3} td.outside{background:#fff2cc;font-weight:600} td.num{font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0} .note{color:#8a4b00} .failed{color:#b00020}
 code{font-size:12px}
@@ -65,8 +69,8 @@ def markdown_report(result, images: dict[str, Path], out: Path) -> str:
     lines = ["# encoder-probe comparison", "", "## Runs", "",
              to_markdown(pd.DataFrame(_runs_rows(result), columns=RUN_COLUMNS))]
     lines += [f"> {note}" for note in result.notes]
-    lines += ["## Metrics", "", "Value [95% CI]; Δ against the first run; *outside noise* = the CIs do not overlap.",
-              "", to_markdown(result.wide)]
+    lines += ["## Metrics", "", f"Value [95% CI]; Δ against {_reference(result)}; *outside noise* = the CIs do "
+              "not overlap; n/a = undefined for the run's data.", "", to_markdown(result.wide)]
     if result.failures:
         lines += ["## Failed probes", ""] + [f"- {run} / {probe}: `{error}`" for run, probe, error in result.failures]
         lines.append("")
@@ -79,6 +83,12 @@ def markdown_report(result, images: dict[str, Path], out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reference(result) -> str:
+    """'the first run (LABEL)' or 'LABEL (the reference run)'."""
+    label = result.labels[getattr(result, "reference", 0)]
+    return f"the first run ({label})" if getattr(result, "reference", 0) == 0 else f"{label} (the reference run)"
+
+
 def _html_table(columns, rows, classes=None) -> str:
     head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
     body = []
@@ -86,7 +96,7 @@ def _html_table(columns, rows, classes=None) -> str:
         cells = "".join(f"<td class=\"{(classes or {}).get((i, j), '')}\">{escape(str(v))}</td>"
                         for j, v in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class=\"table\"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def html_report(result, images: dict[str, Path], out: Path) -> str:
@@ -99,8 +109,8 @@ def html_report(result, images: dict[str, Path], out: Path) -> str:
              "<h2>Runs</h2>", _html_table(RUN_COLUMNS, _runs_rows(result))]
     parts += [f"<p class=\"note\">{escape(note)}</p>" for note in result.notes]
     parts += ["<h2>Metrics</h2>",
-              "<p>Value [95% CI]; Δ against the first run; highlighted = outside the noise "
-              "(the two CIs do not overlap).</p>",
+              f"<p>Value [95% CI]; Δ against {escape(_reference(result))}; highlighted = outside the noise "
+              "(the two CIs do not overlap); n/a = undefined for the run's data.</p>",
               _html_table(list(wide.columns), [list(r) for r in wide.itertuples(index=False)], classes)]
     if result.failures:
         parts.append("<h2>Failed probes</h2><ul>")

@@ -39,12 +39,16 @@ def metric_bars(table: pd.DataFrame, labels: list[str], path: str | Path, title:
         values = group["value"].astype(float).to_numpy()
         low, high = group["ci_low"].astype(float).to_numpy(), group["ci_high"].astype(float).to_numpy()
         x = np.arange(len(labels))
-        ax.bar(x, np.nan_to_num(values), color=[colors[label] for label in labels])
-        has_ci = ~np.isnan(low)
+        present = ~np.isnan(values)  # a run without the metric gets no bar (not a bar at 0)
+        ax.bar(x[present], values[present], color=[colors[label] for label, p in zip(labels, present) if p])
+        for i in np.flatnonzero(~present):
+            ax.text(x[i], 0, "n/a", ha="center", va="bottom", fontsize=8, color="#666")
+        has_ci = ~np.isnan(low) & present
         if has_ci.any():  # error bars only where a run has a CI (seeds > 1)
             ax.errorbar(x[has_ci], values[has_ci], yerr=np.vstack([values - low, high - values])[:, has_ci],
                         fmt="none", ecolor="black", capsize=4)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
         better = "higher" if bool(group["higher_is_better"].dropna().iloc[0]) else "lower"
         ax.set_title(f"{metric} ({better} is better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)

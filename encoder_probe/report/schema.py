@@ -11,7 +11,8 @@ Version 2 (written by the runner)::
     data            {dataset name: {root, splits: {split: size}, content_hash}}
     options         the suite's shared probe options (seeds, per_class, solver, pool, ...)
     probes          {name: {status: "ok", metrics: {metric: {value, values, ci95?, higher_is_better}},
-                            data, config, config_hash, wall_s, artifacts?: {kind: relative path}, ...}
+                            data, config, config_hash, wall_s, artifacts?: {kind: relative path},
+                            undefined_metrics?: {metric: why it is left out for this data}, ...}
                      | {status: "failed", error, traceback, wall_s}}
     config_hashes   {probe: config_hash}
     env             {python, packages: {name: version}, device, dtype}
@@ -19,11 +20,16 @@ Version 2 (written by the runner)::
 
 Version 1 files (no data/env/timings blocks) still read: the report only needs encoder.spec,
 encoder.fingerprint and probes.
+
+Order: a run dir's results.json files are read in the order they were run (their ``created``
+time, so ``probe run --encoder A --encoder B`` reads A first), not in the order of their
+fingerprint-named directories; files and dirs named one by one keep the order they are given in.
 """
 from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import DataError
@@ -79,6 +85,12 @@ def check_probe(name: str, probe) -> None:
     bad = [v for v in artifacts.values() if Path(v).is_absolute() or ".." in Path(v).parts]
     if bad:
         raise ValueError(f"{where}.artifacts: paths must be relative to the results.json dir, got {bad[0]!r}")
+    warnings = probe.get("warnings", [])
+    if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+        raise ValueError(f"{where}.warnings: must be a list of strings")
+    undefined = probe.get("undefined_metrics", {})
+    if not (isinstance(undefined, dict) and all(isinstance(v, str) for v in undefined.values())):
+        raise ValueError(f"{where}.undefined_metrics: must map metric -> why it is left out")
 
 
 def check_record(record) -> None:
@@ -131,7 +143,9 @@ def load_results(path: str | Path) -> dict:
 
 
 def results_files(run: str | Path) -> list[Path]:
-    """RUN = a results.json, or a run dir holding ``*/results.json`` (or a results.json itself)."""
+    """RUN = a results.json, or a run dir holding ``*/results.json`` (or a results.json itself).
+
+    A dir's files come in path order here; :func:`load_runs` puts them in the order they were run."""
     run = Path(run)
     if run.is_file():
         return [run]
@@ -144,16 +158,38 @@ def results_files(run: str | Path) -> list[Path]:
     raise DataError(f"{run}: no such file or directory")
 
 
+def created_at(record: dict) -> datetime | None:
+    """When the run was made (``created``, timezone-aware; naive times are UTC), None if unknown."""
+    try:
+        when = datetime.fromisoformat(str(record["created"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def run_order(records: list[dict]) -> list[dict]:
+    """Records in the order they were run: by ``created``, ties and records without one after
+    the dated ones in their given order (a stable sort)."""
+    def key(item):
+        i, record = item
+        when = created_at(record)
+        return (0, when, i) if when is not None else (1, datetime.min.replace(tzinfo=timezone.utc), i)
+    return [record for _, record in sorted(enumerate(records), key=key)]
+
+
 def load_runs(runs) -> list[dict]:
-    """Every results.json that the RUN arguments name, validated, in argument order."""
-    if isinstance(runs, (str, Path)):
+    """Every results.json that the RUN arguments name, validated: arguments in the order given,
+    the files inside one run dir in the order they were run (:func:`run_order`)."""
+    if isinstance(runs, (str, Path, dict)):
         runs = [runs]
     records = []
     for run in runs:
         if isinstance(run, dict):
             records.append(validate(run, run.get("_path", "<record>")))
         else:
-            records += [load_results(f) for f in results_files(run)]
+            found = results_files(run)
+            loaded = [load_results(f) for f in found]
+            records += run_order(loaded) if Path(run).is_dir() else loaded
     if not records:
         raise DataError("no results to read")
     return records

@@ -1,4 +1,9 @@
-"""The `probe` command: list, inspect, run, demo."""
+"""The `probe` command: list, inspect, extract, run, compare, check, demo, train.
+
+Bad input is one line (``probe: error: ...``, exit 2) and is found before any work: ``--out``,
+``--device``, ``--dtype`` and ``--image-size`` of every subcommand are checked before weights are
+loaded. Ctrl-C is one line too (exit 130); what was finished is kept, so the same command resumes.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +16,33 @@ from .errors import EncoderProbeError, SpecError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 
+INTERRUPTED = "probe: interrupted; the same command resumes"
+
 
 def _load_options(args) -> dict:
     options = {}
     if getattr(args, "vision_config", None):
         options["vision_config"] = args.vision_config
     if getattr(args, "image_size", None):
-        options["image_size"] = args.image_size
+        options["image_size"] = args.image_size  # the string as given (448, 336x504): load_encoder parses it
     return options
+
+
+def check_args(args) -> None:
+    """The checks every subcommand shares, before any compute: where it writes, where it runs, what size."""
+    from .cache import check_writable_dir
+    from .encoders.registry import parse_device, parse_dtype, parse_image_size
+    for flag, value, check in (("--out", getattr(args, "out", None), lambda v: check_writable_dir(v, "--out")),
+                               ("--device", getattr(args, "device", None), parse_device),
+                               ("--dtype", getattr(args, "dtype", None), parse_dtype),
+                               ("--image-size", getattr(args, "image_size", None), parse_image_size)):
+        if value is None:
+            continue
+        try:
+            check(value)
+        except SpecError as e:
+            message = str(e)
+            raise SpecError(message if message.startswith(flag) else f"{flag}: {message}") from None
 
 
 def _sample_pixels(encoder, n: int = 2):
@@ -153,10 +177,16 @@ def cmd_run(args) -> int:
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
                         seeds=args.seeds, options={k: v for k, v in options.items() if v is not None},
                         **_load_options(args))
+    from .runner import summary_table
     failed = [(r["encoder"]["spec"], name, p.get("error", "")) for r in results for name, p in r["probes"].items()
               if p["status"] != "ok"]
     for spec, name, error in failed:
         print(f"probe {name} failed on {spec}: {error}", file=sys.stderr)
+    for record in results:
+        for name, p in record["probes"].items():
+            for warning in p.get("warnings") or []:
+                print(f"warning: {record['encoder']['spec']} {name}: {warning}", file=sys.stderr)
+    print(summary_table(results), end="")
     print(f"results in {args.out}")
     return 1 if failed else 0
 
@@ -164,7 +194,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from .report import compare
 
-    result = compare(args.runs, args.out, allow_mixed=args.allow_mixed)
+    result = compare(args.runs, args.out, allow_mixed=args.allow_mixed, reference=args.reference)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.files["table.md"].read_text(), end="")
@@ -188,7 +218,10 @@ def cmd_check(args) -> int:
         print(f"{len(bad)} metric(s) regressed or missing: "
               + ", ".join(f"{r.probe}/{r.metric} ({r.status})" for r in bad.itertuples()), file=sys.stderr)
     else:
-        print(f"all {len(result.table)} baseline metrics hold")
+        held = int((result.table["status"] == "ok").sum())
+        undefined = len(result.table) - held
+        print(f"all {held} baseline metrics hold" + (f" ({undefined} undefined for this data, left out)"
+                                                     if undefined else ""))
     return result.exit_code
 
 
@@ -242,41 +275,77 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help states its default: a plain default is appended (``(default: 64)``), a
+    switch says ``(default: off)``; options whose default is not a value (None) say it in their text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required and action.option_strings and "required" not in text:
+            return text + " (required)"
+        if not action.option_strings or action.required or "default" in text.lower() or \
+                isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return text + " (default: off)"
+        if action.default is not None and action.default is not argparse.SUPPRESS:
+            return text + " (default: %(default)s)"
+        return text
+
+
+def parsers(parser: argparse.ArgumentParser):
+    """The parser and every subparser below it (train's stages included), depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="probe", description="How good is a vision encoder, and what did "
-                                     "post-training do to it?")
-    sub = parser.add_subparsers(dest="command", required=True)
+                                     "post-training do to it?", formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"probe {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
     def loading(p):
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
-        p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-        p.add_argument("--vision-config", help="local dir with the tower's config (LLaVA/PIVOT checkpoints)")
-        p.add_argument("--image-size", type=int, help="input size for dynamic-resolution towers (Qwen2-VL)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+        p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the weights' dtype "
+                       "as loaded, float32 for random init)")
+        p.add_argument("--vision-config", help="local dir with the tower's config, for LLaVA/PIVOT checkpoints "
+                       "(default: the checkpoint's own, else the built-in known towers, else the weights' shapes)")
+        p.add_argument("--image-size", metavar="N|HxW", help="input size for dynamic-resolution towers "
+                       "(Qwen2-VL), e.g. 448 or 336x504 (default: the tower's own)")
+
+    spec_help = "encoder spec SOURCE:NAME[@WEIGHTS] (e.g. timm:vit_small_patch16_224) or a checkpoint directory"
 
     p = sub.add_parser("list", help="sources, known towers and installed probes")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("inspect", help="what was detected: source, layer, token layout, grid, dims, fingerprint")
-    p.add_argument("spec")
-    p.add_argument("--layer", help="override the default layer (int, negative from the end, or 'final')")
+    p.add_argument("spec", help=spec_help)
+    p.add_argument("--layer", help="override the default layer: int, negative from the end, or 'final' "
+                   "(default: what the MLLM's projector reads, the encoder's final tokens for plain encoders)")
     p.add_argument("--with-projector", action="store_true", help="show the projector's output tokens")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print everything detected as JSON")
     loading(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("extract", help="extract features into the on-disk cache (torchrun shards it)")
-    p.add_argument("--encoder", required=True)
+    p.add_argument("--encoder", required=True, help=spec_help)
     p.add_argument("--data", action="append", help="NAME[=ROOT] (see `probe list`); no ROOT or ROOT 'demo' = "
-                   "the built-in data; no --data = the demo data in the imagenet layout")
-    p.add_argument("--split", default="train,val", help="comma-separated splits (default train,val)")
+                   "the built-in data (default: the demo data in the imagenet layout)")
+    p.add_argument("--split", default="train,val", help="comma-separated splits")
     p.add_argument("--out", required=True, help="cache directory; entries are named by their key")
-    p.add_argument("--layer", action="append", help="layer(s) to keep (repeatable; default: the encoder's)")
+    p.add_argument("--layer", action="append", help="layer(s) to keep, repeatable (default: the encoder's)")
     p.add_argument("--pool", default="mean", help="comma-separated: cls, mean, cls+mean, head")
     p.add_argument("--tokens", action="store_true", help="also keep patch and prefix tokens (float16)")
     p.add_argument("--with-projector", action="store_true", help="features after the MLLM's projector")
-    p.add_argument("--per-class", type=int, help="keep K images per class (seeded)")
+    p.add_argument("--per-class", type=int, help="keep K images per class, seeded (default: all images)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class draw")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--chunk-size", type=int, help="images per resumable chunk (default 1024, 256 with --tokens)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
     p.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
@@ -285,19 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("run", help="run a probe suite on one or more encoders")
-    p.add_argument("--encoder", action="append", required=True)
+    p.add_argument("--encoder", action="append", required=True, help=spec_help + "; repeatable")
     p.add_argument("--suite", required=True, help="comma-separated probe names, e.g. imagenet,seg,gradcam")
-    p.add_argument("--data", action="append", help="NAME[=ROOT], repeatable")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", action="append", help="NAME[=ROOT], repeatable; each probe reads the first of its "
+                   "task (default: the built-in demo data)")
+    p.add_argument("--out", required=True, help="results directory: OUT/<fingerprint[:16]>/results.json per encoder")
     p.add_argument("--seeds", type=int, default=1, help="rerun split and fit with N seeds: mean and 95%% CI")
-    p.add_argument("--per-class", type=int, help="K train/val images per class (few-shot subsets)")
-    p.add_argument("--solver", choices=["torch", "sklearn"], help="linear probe solver (sklearn = the CLIP recipe)")
-    p.add_argument("--pool", help="pooling of the classification probes: cls, mean, cls+mean, head")
+    p.add_argument("--per-class", type=int, help="K train/val images per class, few-shot subsets (default: all)")
+    p.add_argument("--solver", choices=["torch", "sklearn"], help="linear probe solver, sklearn = the CLIP "
+                   "recipe (default: torch)")
+    p.add_argument("--pool", help="pooling of the classification probes: cls, mean, cls+mean, head (default: mean)")
     p.add_argument("--head", choices=["linear", "mlp"], help="segmentation head of the seg probe (default linear)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="a probe option, repeatable (e.g. head=mlp, reference=SPEC); each probe takes the keys it knows")
+                   help="a probe option, repeatable (e.g. head=mlp, reference=SPEC); each probe takes the keys it "
+                   "knows (default: none)")
     p.add_argument("--reference", action="append", metavar="SPEC",
-                   help="a reference encoder for the align probe (repeatable), e.g. the tower before SFT/DPO")
+                   help="a reference encoder for the align probe (repeatable), e.g. the tower before SFT/DPO "
+                   "(default: none)")
     loading(p)
     p.set_defaults(func=cmd_run)
 
@@ -305,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="a results.json, or a run dir holding */results.json")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--allow-mixed", action="store_true", help="compare results run with different probe settings")
+    p.add_argument("--reference", metavar="RUN", help="the run every delta is against: a run label, an encoder "
+                   "spec or a fingerprint prefix (default: the first run, i.e. the first --encoder of probe run)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("check", help="regression gate: exit 1 when a metric falls below baseline - tolerance")
@@ -316,20 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="the built-in demo (no data or network needed)")
-    p.add_argument("--out", default=".cache/demo")
+    p.add_argument("--out", default=".cache/demo", help="where the toy checkpoints, features and reports go")
     p.set_defaults(func=cmd_demo)
     from .pivot.cli import add_train_parser
     add_train_parser(sub)
+    for each in parsers(parser):
+        each.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        check_args(args)  # before any weights are loaded or anything is written
         return args.func(args)
     except EncoderProbeError as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished work (feature chunks, results.json) is kept: a rerun resumes
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ atomically into ``.KEY.partial/``; a rerun after a crash or ``kill -9`` skips th
 there and computes the rest with the same batches, so the merged entry is byte-identical to an
 uninterrupted run. Under ``torchrun`` rank r takes chunks r, r+W, ..., and rank 0 merges. Memory
 stays at one chunk whatever the dataset size.
+
+An entry is built under a lock file beside it (``.KEY.lock``, held by rank 0): a second process
+asking for the same entry waits, then reuses it. DataLoader workers ignore SIGINT, so Ctrl-C is
+handled by the main process alone (one line from the CLI, finished chunks kept to resume).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict
 from datetime import timedelta
@@ -179,6 +184,20 @@ def _collate(items):
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, but only the main process
+    handles it (it stops the workers), so no worker prints a KeyboardInterrupt traceback; nor one for
+    the main process hanging up mid-transfer (the fd-sharing thread's ConnectionResetError / EOFError)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _worker_excepthook
+
+
+def _worker_excepthook(kind, value, tb) -> None:
+    if issubclass(kind, (ConnectionError, EOFError)):  # the main process went away: it reports, not us
+        return
+    sys.__excepthook__(kind, value, tb)
+
+
 def _chunk_name(c: int) -> str:
     return f"chunk-{c:06d}.safetensors"
 
@@ -244,7 +263,7 @@ class _Extraction:
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
-            pin_memory=self.encoder.device.type == "cuda")
+            pin_memory=self.encoder.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None)
         remaining = {c: owner.count(c) for c in chunks}
         parts: dict[int, list] = {}
         skipped: dict[int, list] = {}
@@ -340,16 +359,52 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
     if rank == 0:
         _barrier(world)
     sha = _sha(key)
-    entry, partial = out / sha[:20], out / f".{sha[:20]}.partial"
+    entry = out / sha[:20]
+    if world == 1 and (entry / "meta.json").is_file():  # finished entries are never rewritten: no lock to read
+        return _finished(entry, sha)  # (one that cannot take a lock, e.g. a read-only shared cache, still reads)
+    lock = _lock_entry(out, entry, progress) if rank == 0 else None
+    try:
+        _barrier(world)  # the other ranks look at the entry once rank 0 holds its lock
+        return _extract_entry(encoder, dataset, key, sha, out, entry, rank=rank, world=world,
+                              batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
+                              on_bad_image=on_bad_image, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finished(entry: Path, sha: str) -> FeatureSet:
+    found = FeatureSet(entry)
+    if found.key != sha:
+        raise DataError(f"{entry}: cache entry belongs to another key (hash prefix collision); remove it")
+    return found
+
+
+def _lock_entry(out: Path, entry: Path, progress: bool):
+    """Hold ``out/.KEY.lock`` while the entry is checked and built; waits while another process builds it."""
+    from filelock import FileLock, Timeout
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / f".{entry.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"waiting for another process building {entry} ...", file=sys.stderr)
+        lock.acquire()
+    return lock
+
+
+def _extract_entry(encoder, dataset, key: dict, sha: str, out: Path, entry: Path, *, rank: int, world: int,
+                   batch_size: int, chunk_size: int | None, num_workers: int | None, on_bad_image: str,
+                   progress: bool) -> FeatureSet:
+    """The entry under its lock: reuse it if built, else extract (resuming finished chunks) and merge."""
+    partial = out / f".{entry.name}.partial"
     if (entry / "meta.json").is_file():
-        found = FeatureSet(entry)
-        if found.key != sha:
-            raise DataError(f"{entry}: cache entry belongs to another key (hash prefix collision); remove it")
-        return found
+        return _finished(entry, sha)
 
     n = len(dataset)
     if chunk_size is None:
-        chunk_size = 256 if tokens else 1024
+        chunk_size = 256 if key["tokens"] else 1024
     chunk_size = max(batch_size, math.ceil(chunk_size / batch_size) * batch_size)
     plan = {"key_sha256": sha, "n": n, "batch_size": batch_size, "chunk_size": chunk_size}
     plan_file = partial / "plan.json"

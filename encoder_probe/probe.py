@@ -73,16 +73,19 @@ def config_hash(config: dict) -> str:
 
 
 def pick_dataset(data: dict | None, task: str, default: str) -> tuple[str, str | None]:
-    """(name, root) of the first ``--data`` entry a probe of ``task`` can read; the demo data when none given."""
+    """(name, root) of the first ``--data`` entry a probe of ``task`` can read; the demo data when none given.
+
+    The running suite records the pick: its results.json describes only the datasets its probes read."""
     from .data import DATASETS
     from .errors import DataError
+    from .runner import note_dataset_read
     if not data:
-        return default, None
+        return note_dataset_read(default, None)
     usable = [k for k in data if DATASETS[k].task == task]
     if not usable:
         given = ", ".join(f"{k} ({DATASETS[k].task})" for k in data)
         raise DataError(f"a {task} probe needs {task} data; --data gave only {given}")
-    return usable[0], data[usable[0]]
+    return note_dataset_read(usable[0], data[usable[0]])
 
 
 def last_layers(encoder, k: int) -> list:

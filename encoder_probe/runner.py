@@ -3,6 +3,11 @@
 The record follows the versioned schema in ``encoder_probe.report.schema``: what was measured
 (encoder, data with content hashes, probe configs and their hashes) sits beside the numbers,
 so a report can tell whether two results are comparable without rerunning anything.
+
+Everything a suite could refuse (out and cache directories, device, dtype, probe names, every
+encoder spec) is checked before the first encoder is loaded. The ``data`` block describes the
+datasets the probes actually opened (``probe.pick_dataset`` reports them via
+:func:`note_dataset_read`).
 """
 from __future__ import annotations
 
@@ -10,20 +15,32 @@ import json
 import platform
 import time
 import traceback
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .cache import atomic_write_json, cache_root
+from .cache import atomic_write_json, cache_root, check_writable_dir
 from .encoders import load_encoder
-from .errors import DataError, EncoderProbeError
+from .errors import DataError, EncoderProbeError, SpecError
 from .probe import get_probe, resolve_suite
-from .report.schema import SCHEMA_VERSION, check_probe, validate
 
 PACKAGES = ("encoder-probe", "torch", "torchvision", "timm", "transformers", "open_clip_torch", "scikit-learn",
             "numpy", "safetensors", "pillow")
 DEFAULT_DATA = {"imagenet": None, "ade20k": None}  # the built-in demo data, in both of its layouts
 SPLITS = ("train", "val")
+
+# (name -> root) of the datasets the running suite's probes opened; None outside run_suite
+_DATASETS_READ: ContextVar[dict | None] = ContextVar("encoder_probe_datasets_read", default=None)
+
+
+def note_dataset_read(name: str, root) -> tuple[str, object]:
+    """Record that a probe of the running suite reads dataset ``name`` at ``root`` (None = built-in
+    data); returns ``(name, root)``. A no-op outside :func:`run_suite` (a notebook calling a probe)."""
+    read = _DATASETS_READ.get()
+    if read is not None:
+        read.setdefault(name, root)
+    return name, root
 
 
 def environment(encoder) -> dict:
@@ -53,7 +70,7 @@ def describe_data(data: dict | None, cache=None, per_class: int | None = None) -
     from .data import DATASETS, open_dataset
     memo = Path(cache if cache is not None else cache_root() / "features") / ".file-hashes"
     described = {}
-    for name, root in (data or DEFAULT_DATA).items():
+    for name, root in (DEFAULT_DATA if data is None else data).items():
         subset = {"per_class": per_class} if per_class and "per_class" in inspect.signature(DATASETS[name]).parameters \
             else {}
         splits, hashes, error = {}, [], None
@@ -74,6 +91,7 @@ def describe_data(data: dict | None, cache=None, per_class: int | None = None) -
 
 
 def _run_probe(name: str, encoder, data, options: dict, context: dict) -> dict:
+    from .report.schema import check_probe
     start = time.perf_counter()
     try:
         result = {"status": "ok", **dict(get_probe(name).run(encoder, data, options, context))}
@@ -101,8 +119,11 @@ def run_suite(encoders: str | list[str], suite, out: str | Path, *, device=None,
     extracted features are cached in ``cache`` (default: the user cache), so reruns are cheap.
     Returns the records written to ``out/<fingerprint[:16]>/results.json``.
     """
+    from .report.schema import SCHEMA_VERSION, validate
     encoders = [encoders] if isinstance(encoders, str) else list(encoders)
     names = resolve_suite(suite)
+    _check_inputs(encoders, out, cache, device=device, dtype=dtype, seeds=seeds, options=options,
+                  load_options=load_options)
     out = Path(out)
     shared = {"seeds": seeds, "device": device, **(options or {})}
     results = []
@@ -118,10 +139,16 @@ def run_suite(encoders: str | list[str], suite, out: str | Path, *, device=None,
                   "options": {k: v for k, v in shared.items() if v is not None},
                   "env": environment(encoder), "probes": {}}
         context = {"out": out, "cache": cache, "progress": progress}
-        for name in names:
-            record["probes"][name] = _run_probe(name, encoder, data, shared, context)
-        # after the probes, so that a probe's own message about unusable data is the one shown
-        record["data"] = describe_data(data, cache, shared.get("per_class"))
+        read: dict = {}
+        token = _DATASETS_READ.set(read)
+        try:
+            for name in names:
+                record["probes"][name] = _run_probe(name, encoder, data, shared, context)
+        finally:
+            _DATASETS_READ.reset(token)
+        # after the probes, so that a probe's own message about unusable data is the one shown; only what
+        # they opened (a probe that does not report its data through pick_dataset: the --data given, if any)
+        record["data"] = describe_data(read or data or {}, cache, shared.get("per_class"))
         record["config_hashes"] = {name: p["config_hash"] for name, p in record["probes"].items()
                                    if p.get("config_hash")}
         record["timings"] = {"load_s": round(loaded - start, 3),
@@ -131,3 +158,52 @@ def run_suite(encoders: str | list[str], suite, out: str | Path, *, device=None,
         atomic_write_json(out / encoder.fingerprint[:16] / "results.json", record)
         results.append(record)
     return results
+
+
+def _check_inputs(encoders: list, out, cache, *, device, dtype, seeds, options, load_options) -> None:
+    """Everything a suite could refuse, before the first encoder is loaded: a bad 2nd spec or an
+    unwritable out fails in a second, not after the 1st encoder's probes."""
+    from .encoders.registry import parse_device, parse_dtype, parse_image_size, parse_spec
+    if not encoders:
+        raise SpecError("no encoder given")
+    check_writable_dir(out, "out")
+    check_writable_dir(cache if cache is not None else cache_root() / "features", "cache")
+    parse_device(device)
+    parse_dtype(dtype)
+    if load_options.get("image_size") is not None:
+        parse_image_size(load_options["image_size"])
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise SpecError(f"seeds must be an integer >= 1, got {seeds!r}")
+    references = (options or {}).get("reference") or []
+    for spec in [*encoders, *([references] if isinstance(references, str) else references)]:
+        parse_spec(spec)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
+def summary_table(records: list[dict]) -> str:
+    """One row per encoder x probe x metric: value, and its 95% CI when the record has one
+    (``0.812 [0.790, 0.834]``); a failed probe is one row saying so. Plain text, for the terminal."""
+    rows = [("encoder", "probe", "metric", "value")]
+    for record in records:
+        spec = record["encoder"]["spec"]
+        for probe, result in record.get("probes", {}).items():
+            if result.get("status") != "ok":
+                rows.append((spec, probe, "-", f"failed: {str(result.get('error', '')).splitlines()[0][:60]}"
+                             if result.get("error") else "failed"))
+                continue
+            for metric, m in result.get("metrics", {}).items():
+                text = _fmt(m.get("value"))
+                if m.get("ci95"):
+                    low, high = m["ci95"]
+                    text += f" [{_fmt(low)}, {_fmt(high)}]"
+                rows.append((spec, probe, metric, text))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * max(len(row[3]) for row in rows))
+    return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -61,7 +61,8 @@ class AlignConfig:
 def _dataset(data: dict | None, config: AlignConfig):
     """The images both sides see: the first --data dataset (any task), default the demo data."""
     from encoder_probe.data import open_dataset
-    name, root = next(iter(data.items())) if data else ("imagenet", None)
+    from encoder_probe.runner import note_dataset_read
+    name, root = note_dataset_read(*(next(iter(data.items())) if data else ("imagenet", None)))
     dataset = open_dataset(name, root, config.split, per_class=config.per_class)
     n = min(len(dataset), config.max_images or len(dataset))
     if not config.k < n or n < 4:

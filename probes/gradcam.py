@@ -98,6 +98,8 @@ def _vqa_items(preprocess, limit):
     """Demo VQA val records with their scenes' masks, through the tower's own preprocessing."""
     from encoder_probe.data import open_dataset
     from encoder_probe.data.demo import demo_data
+    from encoder_probe.runner import note_dataset_read
+    note_dataset_read("ade20k", None)
     root = demo_data()
     scenes = json.loads((root / "manifest.json").read_text())["scenes"]["val"]
     stem_of = {s["image"]: s["stem"] for s in scenes}

@@ -6,13 +6,22 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# two cores: one torch thread per pytest-xdist worker (make test runs two), both threads otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """No test reads or writes the user's ~/.cache (demo data, features) unless it asks to."""
     os.environ["ENCODER_PROBE_CACHE"] = str(tmp_path_factory.mktemp("encoder-probe-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_loader_worker_per_xdist_worker(monkeypatch):
+    """Under pytest-xdist every core already runs a test: one DataLoader worker each, not one per core."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import encoder_probe.features
+        monkeypatch.setattr(encoder_probe.features, "default_workers", lambda: 1)
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +72,25 @@ def write_ade20k(root, n=4, size=(48, 64), split="training", seed=0, num_classes
 
 
 def run_cli(tmp_path, *args, command="run"):
-    """``python -m encoder_probe COMMAND ARGS --out tmp_path/out`` in a fresh process: (proc, out dir)."""
-    import subprocess
-    import sys
+    """``probe COMMAND ARGS --out tmp_path/out`` run in this process (``cli.main``, as the console
+    script runs it, with stdout and stderr captured): (result with returncode/stdout/stderr, out dir).
+
+    In-process saves the ~4 s interpreter and torch start-up per call; tests that need a real
+    process (signals, kill -9, two processes, torchrun, the whole of stderr) start one themselves.
+    """
+    import contextlib
+    import io
+    import types
+
+    from encoder_probe.cli import main
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "encoder_probe", command, *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    return proc, out
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([command, *args, "--out", str(out)])
+        except SystemExit as e:  # argparse errors
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue()), out
 
 
 def assert_one_line_error(proc, message):

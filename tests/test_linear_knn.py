@@ -101,6 +101,7 @@ def test_knn_equals_brute_force_numpy():
         assert got[k]["top5"] == pytest.approx(top5 / 50, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_pretrained_tower_beats_its_random_twin_on_demo_data(tmp_path):
     """Real signal on the built-in demo data (the ImageNet tower, not a tower trained in the test:
     test_vit/test_resnet trained 15 epochs on the 240 demo images stayed at chance)."""

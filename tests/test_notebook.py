@@ -17,6 +17,7 @@ def _loads(name: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_explore_notebook_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient

@@ -106,6 +106,7 @@ def test_real_dataset_counts_and_balance():
     assert np.bincount([s.label for s in val.samples]).tolist() == [1000] * 10
 
 
+@pytest.mark.slow
 def test_pretrained_features_beat_the_random_twin_on_mnist_5k(tmp_path):
     """Real signal: the same probes on ImageNet weights vs the same architecture at random init."""
     scores = {}

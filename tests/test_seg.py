@@ -95,6 +95,7 @@ def test_token_head_is_batchnorm_plus_1x1_conv():
         assert torch.allclose(logit_map(head(tokens), (4, 6)), conv(bn(fmap)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pretrained_tower_head_beats_its_random_twin_on_demo_data(tmp_path):
     """Real signal on the demo scenes: the ImageNet MobileNetV2's tokens against its random-init twin
     (a tower trained in the test stayed at chance on 240 images; see test_linear_knn)."""

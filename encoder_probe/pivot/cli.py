@@ -18,22 +18,23 @@ def _common(p) -> None:
     p.add_argument("--out", required=True, help="run dir: checkpoint (load_encoder reads it), log.csv, snapshots/")
     p.add_argument("--data", help="JSONL of {image, question, chosen, rejected} (default: the demo VQA pairs)")
     p.add_argument("--image-root", help="where relative image paths start (default: the JSONL's dir or its parent)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (default: all epochs)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step over all ranks")
-    p.add_argument("--micro-batch-size", type=int, help="pairs per forward pass (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--micro-batch-size", type=int, help="pairs per forward pass, the rest by gradient accumulation "
+                   "(default: the rank's share of --batch-size, no accumulation)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
     p.add_argument("--vision-lr", type=float, help="learning rate of the vision tower (default: --lr)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="use the first N records")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warm-up")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--limit", type=int, help="use the first N records (default: all records)")
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between gradient-map snapshots (npz)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, more compute")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available; LOCAL_RANK under torchrun)")
-    p.add_argument("--export", choices=["llava"], help="also write the result in the LLaVA/PIVOT layout to OUT/llava")
+    p.add_argument("--export", choices=["llava"], help="also write the result in the LLaVA/PIVOT layout to OUT/llava (default: no export)")
 
 
 def _layer(value: str):
@@ -57,15 +58,15 @@ def add_train_parser(subparsers) -> None:
         if stage in ("sft", "dpo"):
             p.add_argument("--init", required=True, help="checkpoint to start from (DPO: also the frozen reference)")
         if stage == "dpo":
-            p.add_argument("--beta", type=float, default=0.1)
+            p.add_argument("--beta", type=float, default=0.1, help="DPO beta (sigmoid loss)")
             p.add_argument("--sft-weight", type=float, default=0.0, help="weight of an SFT term (PIVOT: 0)")
         if stage == "transplant":
             p.add_argument("--vision-from", required=True, help="checkpoint whose refined tower is reused")
         p.set_defaults(func=cmd_train)
     p = stages.add_parser("export", help="write a checkpoint in the LLaVA/PIVOT key layout")
-    p.add_argument("checkpoint")
-    p.add_argument("--to", choices=["llava"], default="llava")
-    p.add_argument("--out", required=True)
+    p.add_argument("checkpoint", help="a `probe train` run dir")
+    p.add_argument("--to", choices=["llava"], default="llava", help="layout to write")
+    p.add_argument("--out", required=True, help="where to write the exported checkpoint")
     p.set_defaults(func=cmd_export)
 
 

@@ -16,7 +16,9 @@ Convergence is judged by a tolerance that holds: the objective is ``lam = 1/(C n
 convex in W, so ``||grad|| / (lam ||W||)`` bounds the relative distance of W to the optimum;
 ``tol`` is that bound. Each fit records ``n_iter_``, ``grad_norm_``, ``relative_gradient_`` and
 ``converged_``. Full-batch L-BFGS (strong-Wolfe) when the features fit in memory (CPU or GPU,
-float32), mini-batch Adam otherwise; along a C path each fit starts from the previous solution.
+float32; a fit that stalls short of ``tol`` at float32's resolution of the objective is polished
+in float64 when that copy fits), mini-batch Adam otherwise; along a C path each fit starts from
+the previous solution.
 """
 from __future__ import annotations
 
@@ -104,11 +106,19 @@ class LogisticRegression:
             self.n_iter_ = _lbfgs(X, t, W, b, lam, self.binary, self.max_iter, self.tol)
         else:
             self.n_iter_ = _adam(X, t, W, b, lam, self.binary, self.batch_size, self.epochs)
-        self.coef_, self.intercept_ = W.detach(), b.detach()
-        gradient = _gradient(X, t, self.coef_, self.intercept_, lam, self.binary, self.batch_size)
+        gradient = _gradient(X, t, W, b, lam, self.binary, self.batch_size)
+        if (self.batch_size is None and _relative(gradient, W.detach(), lam) > self.tol and self.n_iter_ < self.max_iter
+                and _fits(X, itemsize=8)):
+            # stopped short of tol because float32 cannot resolve the objective any finer: polish in float64
+            X64 = X.double()
+            W, b = W.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+            self.n_iter_ += _lbfgs(X64, t, W, b, lam, self.binary, self.max_iter - self.n_iter_, self.tol)
+            gradient = _gradient(X64, t, W, b, lam, self.binary)
+            del X64
         self.grad_norm_ = float(gradient.norm())
-        self.relative_gradient_ = _relative(gradient, self.coef_, lam)
+        self.relative_gradient_ = _relative(gradient, W.detach(), lam)  # of the solution before it is rounded
         self.converged_ = self.relative_gradient_ <= self.tol
+        self.coef_, self.intercept_ = W.detach().float(), b.detach().float()
         return self
 
     def convergence(self) -> dict:
@@ -168,6 +178,15 @@ def _gradient(X, t, W, b, lam, binary, batch_size=None) -> torch.Tensor:
         (_per_sample(X[rows], t[rows], W, b, binary).sum() / len(X)).backward()
     (0.5 * lam * (W * W).sum()).backward()
     return torch.cat([W.grad.flatten(), b.grad])
+
+
+def _fits(X: torch.Tensor, itemsize: int) -> bool:
+    """Whether a copy of X at ``itemsize`` bytes per value, and as much again for the work, fits."""
+    import os
+    need = 3 * X.numel() * itemsize
+    if X.device.type == "cuda":
+        return need < torch.cuda.mem_get_info(X.device)[0]
+    return X.device.type == "cpu" and need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def _relative(gradient: torch.Tensor, W: torch.Tensor, lam: float) -> float:

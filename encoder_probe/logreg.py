@@ -180,13 +180,18 @@ def _gradient(X, t, W, b, lam, binary, batch_size=None) -> torch.Tensor:
     return torch.cat([W.grad.flatten(), b.grad])
 
 
-def _fits(X: torch.Tensor, itemsize: int) -> bool:
-    """Whether a copy of X at ``itemsize`` bytes per value, and as much again for the work, fits."""
+def fits_in_memory(nbytes: int, device=None) -> bool:
+    """Whether ``nbytes`` fit in the free memory of ``device`` (a CUDA device, else this machine's RAM)."""
     import os
-    need = 3 * X.numel() * itemsize
-    if X.device.type == "cuda":
-        return need < torch.cuda.mem_get_info(X.device)[0]
-    return X.device.type == "cpu" and need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return nbytes < torch.cuda.mem_get_info(device)[0]
+    return nbytes < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _fits(X: torch.Tensor, itemsize: int) -> bool:
+    """A copy of X at ``itemsize`` bytes per value, and as much again for the work, on X's device."""
+    return X.device.type in ("cpu", "cuda") and fits_in_memory(3 * X.numel() * itemsize, X.device)
 
 
 def _relative(gradient: torch.Tensor, W: torch.Tensor, lam: float) -> float:

@@ -14,14 +14,13 @@ when there are 5 classes or fewer (it would be 1.0 by construction).
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from encoder_probe.errors import SpecError
-from encoder_probe.logreg import LogisticRegression, fit_path, linear_head
+from encoder_probe.logreg import LogisticRegression, fit_path, fits_in_memory, linear_head
 from encoder_probe.probe import artifact_dir, config_from, config_hash, labelled_arrays, last_layers, summarize
 
 NORMALIZE = ("standardize", "l2")
@@ -93,11 +92,7 @@ def mean_per_class_recall(pred: np.ndarray, y: np.ndarray) -> float:
 
 def fits_on_device(x: np.ndarray, device) -> bool:
     """Full-batch L-BFGS needs the features (and as much again for the work) on the device."""
-    import torch
-    if device is not None and torch.device(device).type == "cuda":
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return 3 * x.nbytes < free
-    return 3 * x.nbytes < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return fits_in_memory(3 * x.nbytes, device)
 
 
 def _fit(x, y, Cs, config, n_classes, init=None):

@@ -24,7 +24,7 @@ import numpy as np
 from encoder_probe.alignment import LinearCKA, MutualKNN, permutation_null, same_architecture, weight_drift
 from encoder_probe.errors import DataError, EncoderProbeError, SpecError
 from encoder_probe.probe import artifact_dir, checked_features, config_from, config_hash, summarize
-from encoder_probe.report.compare import short_spec
+from encoder_probe.encoders.registry import short_spec
 
 
 @dataclass

@@ -231,7 +231,7 @@ def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
     keep = {"index": [], "classes": [], "chance": [], "images": [], "inside": [], "labels": []}
     grid = None
     batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
-    from encoder_probe.report.compare import short_spec
+    from encoder_probe.encoders.registry import short_spec
     bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps", unit="batch", disable=not progress,
                file=sys.stderr)
     for batch in bar:

@@ -274,7 +274,7 @@ class SegProbe:
         num_classes = train_set.meta["data"]["num_classes"]
         device = torch.device(config.device or "cpu")
         train, val = (CachedTokens(f, f.layers, device) for f in (train_set, val_set))
-        from encoder_probe.report.compare import short_spec
+        from encoder_probe.encoders.registry import short_spec
         runs = [run_protocol(train, val, config, num_classes, seed, label=short_spec(encoder.spec),
                              progress=context.get("progress", True)) for seed in range(config.seeds)]
 

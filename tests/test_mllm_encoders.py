@@ -347,3 +347,27 @@ def test_an_unchanged_spec_keeps_its_fingerprint_across_processes(toy_dir, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == here
     assert len(set(here)) == len(here)
+
+
+def test_qwen2_5_vl_at_published_geometry_non_square(tmp_path):
+    """Qwen2.5-VL's published vision geometry (14 px patches, 2x2 merge, 112 px attention windows,
+    full-attention blocks between windowed ones) at small width, on a 336x504 input (24x36 patches,
+    windows that do not tile it evenly): the merger output equals the model's own visual forward."""
+    import transformers as T
+    from transformers import Qwen2VLImageProcessor
+    torch.manual_seed(0)
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3])
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128, rope_parameters=dict(rope_type="default", mrope_section=[2, 2, 4]))
+    ref = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=text)).eval()
+    ref.save_pretrained(tmp_path / "qwen")
+    pixels = torch.randn(1, 3, 336, 504, generator=torch.Generator().manual_seed(2))
+    proc = Qwen2VLImageProcessor(patch_size=14, merge_size=2, do_resize=False, do_rescale=False, do_normalize=False)
+    inputs = proc(images=list(pixels), return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 24, 36]]
+    with torch.no_grad():
+        out = ref.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        merged = load_encoder(str(tmp_path / "qwen"), image_size="336x504", with_projector=True).forward_tokens(pixels)
+    assert merged.grid == (12, 18) and merged.patches.shape == (1, 216, 48)
+    assert torch.allclose(merged.patches[0], out.pooler_output, atol=1e-5, rtol=1e-5)

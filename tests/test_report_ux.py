@@ -149,7 +149,7 @@ def test_seg_and_gradcam_bars_name_the_probe_and_the_encoder(tmp_path, capsys):
 
 def test_align_null_bar_and_short_specs(capsys):
     from encoder_probe.alignment import LinearCKA, permutation_null
-    from encoder_probe.report.compare import short_spec
+    from encoder_probe.encoders.registry import short_spec
     x = np.random.default_rng(0).normal(size=(20, 4))
     permutation_null(LinearCKA(False), x, x, repeats=3, progress=True, label="timm:a vs timm:b")
     assert re.search(r"align \[timm:a vs timm:b\] null \S+ \(seed 0\): 100%\|.*\| 3/3", capsys.readouterr().err)

@@ -68,6 +68,29 @@ def parse_spec(spec: str) -> tuple[Source, str, str | None]:
     raise SpecError(f"{spec}: no such directory, and not a SOURCE:NAME spec")
 
 
+def spec_label(spec: str) -> str:
+    """An encoder spec with its paths cut to their last part: ``timm:vit_small@sft.safetensors``."""
+    source, at, weights = spec.partition("@")
+    prefix, colon, target = source.partition(":") if ":" in source.split("/")[0] else ("", "", source)
+    label = prefix + colon + (Path(target.rstrip("/")).name if "/" in target else target)
+    return label + (f"@{Path(weights).name}" if at else "")
+
+
+def short_spec(spec: str, width: int = 32) -> str:
+    """:func:`spec_label` in at most ``width`` characters, for progress bars: the architecture gives
+    way to "…" before the weights' file name does (that is what tells two checkpoints apart),
+    ``timm:vit_small_…@sft.safetensors``; else the middle of the label gives way."""
+    label = spec_label(spec)
+    if len(label) <= width:
+        return label
+    source, at, weights = label.partition("@")
+    room = width - 1 - len(at + weights)
+    if at and room >= 8:
+        return source[:room] + "…" + at + weights
+    head = max(1, (width - 1) * 2 // 5)
+    return label[:head] + "…" + label[len(label) - (width - 1 - head):]
+
+
 def read_config(directory: Path) -> dict:
     file = directory / "config.json"
     if not file.is_file():

@@ -26,34 +26,12 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import DataError
+from ..encoders.registry import spec_label
 from .schema import load_runs
 
 NON_PROTOCOL = frozenset({"layers", "device", "batch_size", "chunk", "num_workers", "progress"})
 TABLE_COLUMNS = ["probe", "metric", "run", "value", "ci_low", "ci_high", "n_seeds", "higher_is_better",
                  "delta", "noise"]
-
-
-def spec_label(spec: str) -> str:
-    """An encoder spec with its paths cut to their last part: ``timm:vit_small@sft.safetensors``."""
-    source, at, weights = spec.partition("@")
-    prefix, colon, target = source.partition(":") if ":" in source.split("/")[0] else ("", "", source)
-    label = prefix + colon + (Path(target.rstrip("/")).name if "/" in target else target)
-    return label + (f"@{Path(weights).name}" if at else "")
-
-
-def short_spec(spec: str, width: int = 32) -> str:
-    """:func:`spec_label` in at most ``width`` characters, for progress bars: the architecture gives
-    way to "…" before the weights' file name does (that is what tells two checkpoints apart),
-    ``timm:vit_small_…@sft.safetensors``; else the middle of the label gives way."""
-    label = spec_label(spec)
-    if len(label) <= width:
-        return label
-    source, at, weights = label.partition("@")
-    room = width - 1 - len(at + weights)
-    if at and room >= 8:
-        return source[:room] + "…" + at + weights
-    head = max(1, (width - 1) * 2 // 5)
-    return label[:head] + "…" + label[len(label) - (width - 1 - head):]
 
 
 def run_labels(records: list[dict]) -> list[str]:

@@ -85,8 +85,8 @@ def markdown_report(result, images: dict[str, Path], out: Path) -> str:
 
 def _reference(result) -> str:
     """'the first run (LABEL)' or 'LABEL (the reference run)'."""
-    label = result.labels[getattr(result, "reference", 0)]
-    return f"the first run ({label})" if getattr(result, "reference", 0) == 0 else f"{label} (the reference run)"
+    label = result.reference_label
+    return f"the first run ({label})" if result.reference == 0 else f"{label} (the reference run)"
 
 
 def _html_table(columns, rows, classes=None) -> str:

@@ -90,9 +90,57 @@ def hf_mllm(kind: str, *, seed: int = 0):
     raise ValueError(f"unknown toy MLLM {kind!r}")
 
 
-def write_hf_mllm(out: str | Path, kind: str, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
-    """save_pretrained of a tiny MLLM (sharded with an index when max_shard_size is given)."""
-    model = hf_mllm(kind, seed=seed)
+ANYRES_MAX_9 = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # LLaVA-OneVision's pinpoints
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def published_mllm(kind: str, *, seed: int = 0, pinpoints: list | None = None):
+    """A transformers MLLM at the PUBLISHED vision geometry with tiny widths and depths.
+
+    llava_onevision: SigLIP so400m/14-384 (27x27 per view, floored), anyres_max_9 pinpoints,
+    layer -1, strategy full. llava_next: CLIP-L/14-336, its five pinpoints, layer -2, strategy
+    default. qwen2_vl / qwen2_5_vl: 14 px patches, 2x2 merge (2.5: 112 px windows). internvl:
+    InternViT 448 px tiles, patch 14, pixel shuffle 0.5 (256 tokens a tile).
+    """
+    import transformers as T
+    _quiet()
+    torch.manual_seed(seed)
+    text = dict(TEXT, num_hidden_layers=1)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    if kind == "llava_onevision":
+        vision = dict(small, model_type="siglip_vision_model", image_size=384, patch_size=14)
+        return T.LlavaOnevisionForConditionalGeneration(T.LlavaOnevisionConfig(
+            vision_config=vision, text_config=text, vision_feature_layer=-1, vision_feature_select_strategy="full",
+            image_grid_pinpoints=pinpoints or ANYRES_MAX_9, vision_aspect_ratio="anyres_max_9"))
+    if kind == "llava_next":
+        vision = dict(small, model_type="clip_vision_model", image_size=336, patch_size=14, projection_dim=32)
+        return T.LlavaNextForConditionalGeneration(T.LlavaNextConfig(
+            vision_config=vision, text_config=text, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints or LLAVA_NEXT_PINPOINTS))
+    if kind == "internvl":
+        vision = dict(small, image_size=[448, 448], patch_size=[14, 14], attention_bias=True, layer_scale_init_value=0.1)
+        return T.InternVLForConditionalGeneration(T.InternVLConfig(vision_config=vision, text_config=text,
+                                                                   downsample_ratio=0.5))
+    rope = dict(rope_type="default", mrope_section=[2, 2, 4])
+    qwen_text = {k: v for k, v in text.items() if k != "model_type"} | dict(rope_parameters=rope)
+    if kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2)
+        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(vision_config=vision, text_config=qwen_text))
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1])
+        return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=qwen_text))
+    raise ValueError(f"unknown MLLM {kind!r}")
+
+
+def write_hf_mllm(out: str | Path, kind: str, *, seed: int = 0, max_shard_size: str | None = None,
+                  geometry: str = "toy", pinpoints: list | None = None) -> Path:
+    """save_pretrained of a tiny MLLM (sharded with an index when max_shard_size is given).
+
+    geometry "toy": friendly sizes (:func:`hf_mllm`); "published": the real patch, tile, merge and
+    pinpoint geometry at tiny widths (:func:`published_mllm`).
+    """
+    model = published_mllm(kind, seed=seed, pinpoints=pinpoints) if geometry == "published" else hf_mllm(kind, seed=seed)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return Path(out)

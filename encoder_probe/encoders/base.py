@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, SpecError
+from .views import TokenLayout, single_view
 
 Layer = int | str  # an int index, or "final"
 
@@ -29,24 +30,58 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 
 
+VIEWS = ("base", "full")
+
+
 @dataclass
 class Tokens:
-    """Tokens of one layer. ``patches`` is row-major over ``grid``; ``prefix`` holds CLS/registers."""
+    """Tokens of one layer. ``patches`` is row-major over ``grid``; ``prefix`` holds CLS/registers.
 
-    patches: torch.Tensor  # (B, h*w, D)
+    ``layout`` (optional for one view, required for several) says where every token sits on the
+    original image (:class:`~encoder_probe.encoders.views.TokenLayout`); tokens of several views
+    (anyres tiles, InternVL tiles) have ``grid`` None and one image per Tokens.
+    """
+
+    patches: torch.Tensor  # (B, N, D): N = h*w, or the layout's token count
     prefix: torch.Tensor  # (B, P, D), P may be 0
-    grid: tuple[int, int]  # (h, w)
+    grid: tuple[int, int] | None  # (h, w); None for several views
     layer: Layer
+    layout: TokenLayout | None = None
 
     def __post_init__(self):
         b, n, _ = self.patches.shape
-        if n != self.grid[0] * self.grid[1]:
+        if self.layout is not None:
+            if n != self.layout.num_tokens:
+                raise ValueError(f"{n} tokens for a layout of {self.layout.num_tokens}")
+            if self.grid is None and len(self.layout.views) == 1:
+                self.grid = self.layout.views[0].grid
+        elif self.grid is None:
+            raise ValueError("tokens need a grid or a layout")
+        if self.grid is not None and n != self.grid[0] * self.grid[1]:
             raise ValueError(f"{n} patch tokens do not fill a {self.grid[0]}x{self.grid[1]} grid")
 
     def to_map(self) -> torch.Tensor:
-        """Patch tokens as a (B, D, h, w) feature map."""
+        """Patch tokens as a (B, D, h, w) feature map (one view; see ``view``)."""
+        if self.grid is None:
+            raise ValueError(f"tokens of {len(self.layout.views)} views have no single grid: "
+                             "take one with .view(name) or paint them with .layout.paint")
         b, _, d = self.patches.shape
         return self.patches.transpose(1, 2).reshape(b, d, *self.grid)
+
+    def view(self, view: int | str) -> "Tokens":
+        """The tokens of one view (by index or name), with their one-view layout."""
+        if self.layout is None:
+            if view in (0, "base"):
+                return self
+            raise KeyError(f"these tokens have one view (base); no view {view!r}")
+        i = self.layout.index(view)
+        part = self.patches[:, self.layout.span(i)]
+        layout = TokenLayout(self.layout.image_size, (self.layout.views[i],))
+        return Tokens(part, self.prefix, self.layout.views[i].grid, self.layer, layout)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.patches.shape[1]
 
     @property
     def num_prefix(self) -> int:
@@ -135,6 +170,8 @@ class VisionEncoder:
         projector: nn.Module | None = None,
         with_projector: bool = False,
         details: dict | None = None,
+        view: str = "base",
+        full_preprocess=None,
     ):
         self.spec = spec
         self.module = module.eval()
@@ -146,6 +183,15 @@ class VisionEncoder:
             raise SpecError(f"{spec}: has no projector (with_projector needs an MLLM checkpoint)")
         self.with_projector = with_projector
         self.details = dict(details or {})
+        if view not in VIEWS:
+            raise SpecError(f"{spec}: unknown view {view!r}; choose base or full")
+        if view == "full" and full_preprocess is None:
+            raise SpecError(f"{spec}: view 'full' is for MLLM checkpoints with multi-view input (LLaVA-OneVision, "
+                            f"LLaVA-NeXT, Qwen2/2.5-VL, InternVL); source {self.source!r} has one view: use base")
+        self.view = view
+        self.base_preprocess = preprocess
+        if view == "full":  # the checkpoint's own image processor (encoders.processors.ProcessorPreprocess)
+            self.preprocess = full_preprocess
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -192,16 +238,69 @@ class VisionEncoder:
 
     def forward_tokens(self, pixels: torch.Tensor, layers: Layer | Sequence[Layer] | None = None):
         """Tokens for the default layer, one layer (-> Tokens), or several (-> list[Tokens])."""
+        """Tokens for the default layer, one layer (-> Tokens), or several (-> list[Tokens]).
+
+        ``pixels``: a (B, 3, H, W) tensor (view base), or for view full a list of
+        :class:`~encoder_probe.encoders.processors.ProcessedImage` (``encoder.transform(image)``);
+        then the result is one entry per image, each a Tokens (or list) with its layout.
+        """
         single = layers is None or isinstance(layers, (int, str))
         wanted = [self.layer] if layers is None else [layers] if single else list(layers)
         wanted = [self.resolve_layer(layer) for layer in wanted]
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
+        if self.view == "full":
+            if isinstance(pixels, torch.Tensor) or not isinstance(pixels, (list, tuple)):
+                raise ValueError(f"{self.spec}: view 'full' takes processed images (a list of encoder.transform"
+                                 "(image)), not a pixel tensor; use encoder.encode(image)")
+            per_image = self._forward_full(list(pixels), wanted)
+            if self.with_projector:
+                per_image = [[self.project(t) for t in image] for image in per_image]
+            return [image[0] if single else image for image in per_image]
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(getattr(pixels, 'shape', ())) or type(pixels).__name__}")
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         out = self._forward_layers(pixels, wanted)
         if self.with_projector:
             out = [self.project(t) for t in out]
         return out[0] if single else out
+
+    def encode(self, images, layers: Layer | Sequence[Layer] | None = None):
+        """PIL image(s) -> Tokens with their layout on the original image, in either view.
+
+        One image gives one Tokens (or list for several layers); a list gives a list.
+        """
+        one = not isinstance(images, (list, tuple))
+        images = [images] if one else list(images)
+        if self.view == "full":
+            out = self.forward_tokens([self.transform(im) for im in images], layers)
+            return out[0] if one else out
+        pixels = torch.stack([self.transform(im) for im in images])
+        out = self.forward_tokens(pixels, layers)
+        layered = [out] if isinstance(out, Tokens) else out
+        per_image = [[Tokens(t.patches[i:i + 1], t.prefix[i:i + 1], t.grid, t.layer,
+                             self.base_layout((im.height, im.width), t.grid)) for t in layered]
+                     for i, im in enumerate(images)]
+        per_image = [p[0] if isinstance(out, Tokens) else p for p in per_image]
+        return per_image[0] if one else per_image
+
+    def base_layout(self, image_size: tuple[int, int], grid: tuple[int, int]) -> TokenLayout:
+        """Where the base view's ``grid`` sits on an image of ``image_size`` (H, W), through the
+        base preprocessing (resize, or resize + centre crop) and the part of the input the tokens cover."""
+        prep = self.base_preprocess
+        h, w = image_size
+        ih, iw = prep.size
+        ch, cw = self._covered(grid, prep.size)
+        if prep.resize == "exact":
+            sy, sx, oy, ox = h / ih, w / iw, 0.0, 0.0
+        else:  # torchvision: short side to resize_to, then centre crop (offsets rounded as CenterCrop does)
+            short = prep.resize_to or min(prep.size)
+            rh, rw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+            sy, sx = h / rh, w / rw
+            oy, ox = int(round((rh - ih) / 2.0)) * sy, int(round((rw - iw) / 2.0)) * sx
+        return single_view(grid, image_size, (ox, oy, ox + cw * sx, oy + ch * sy))
+
+    def _covered(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple[float, float]:
+        """Pixels of a ``size`` input that ``grid`` tokens cover (patch towers drop a remainder)."""
+        return float(size[0]), float(size[1])
 
     def project(self, tokens: Tokens) -> Tokens:
         """What the MLLM's projector makes of these tokens (the LLM's input embeddings)."""
@@ -209,8 +308,13 @@ class VisionEncoder:
             raise SpecError(f"{self.spec}: has no projector")
         return self._project(tokens)
 
-    def pool(self, tokens: Tokens, how: str = "cls") -> torch.Tensor:
-        """One vector per image: cls | mean | cls+mean | head (the model's own pooling head)."""
+    def pool(self, tokens: Tokens, how: str = "cls", view: int | str | None = None) -> torch.Tensor:
+        """One vector per image: cls | mean | cls+mean | head (the model's own pooling head).
+
+        Over the whole token sequence (every view), or over one ``view`` (index or name).
+        """
+        if view is not None:
+            tokens = tokens.view(view)
         if how == "mean":
             return tokens.patches.mean(1)
         if how in ("cls", "cls+mean"):
@@ -237,6 +341,8 @@ class VisionEncoder:
         h = hashlib.sha256()
         meta = {"source": self.source, "layer": self.layer, "with_projector": self.with_projector,
                 "preprocess": asdict(self.preprocess), "architecture": self.architecture()}
+        if self.view != "base":  # base fingerprints stay what they were
+            meta["view"] = self.view
         h.update(json.dumps(meta, sort_keys=True, default=str).encode())
         for module in self._fingerprinted_modules():
             for name, tensor in sorted(module.state_dict().items()):
@@ -265,6 +371,7 @@ class VisionEncoder:
             "depth": self.layers.depth,
             "available_layers": self.layers.available,
             "with_projector": self.with_projector,
+            "view": self.view,
             "preprocess": self.preprocess.describe(),
             "n_params": self.n_params,
             "device": str(self.device),
@@ -279,9 +386,22 @@ class VisionEncoder:
     def _forward_layers(self, pixels: torch.Tensor, layers: list[Layer]) -> list[Tokens]:
         raise NotImplementedError
 
+    def _forward_full(self, images: list, layers: list[Layer]) -> list[list[Tokens]]:
+        """Per image, per layer: Tokens with their layout (sources with a ``full`` view)."""
+        raise SpecError(f"{self.spec}: source {self.source!r} has no full view")
+
+    def lm_sequence(self, tokens: Tokens) -> torch.Tensor:
+        """(B, lm_tokens, D): projected tokens with the MLLM's newline vectors where the LM reads them."""
+        if tokens.layout is None or not tokens.layout.num_newlines:
+            return tokens.patches
+        newline = getattr(self, "newline", None)
+        if newline is None:
+            raise SpecError(f"{self.spec}: the checkpoint has no image_newline weight")
+        return torch.stack([tokens.layout.with_newlines(p, newline) for p in tokens.patches])
+
     def _project(self, tokens: Tokens) -> Tokens:
         projected = self.projector(tokens.patches)
-        return Tokens(projected, projected[:, :0], tokens.grid, tokens.layer)
+        return Tokens(projected, projected[:, :0], tokens.grid, tokens.layer, tokens.layout)
 
     def _head(self, tokens: Tokens) -> torch.Tensor:
         raise SpecError(f"{self.spec}: source {self.source!r} has no pooling head; "

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
 from .hf_tower import HFTower, HFTowerEncoder, build_tower, load_config, preprocess_from_dir
@@ -47,7 +47,7 @@ def _projector_class(path: str):
 
 @register_source("hf-mllm", description="HF multimodal dirs: LlavaOnevision, LLaVA, LLaVA-NeXT, InternVL "
                  "(single-file or sharded; transformers 5 and 4.x key layouts)", detect=detect)
-def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False):
+def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, view="base"):
     path = Path(directory)
     raw = read_config(path)
     if "InternVLChatModel" in (raw.get("architectures") or []):
@@ -81,13 +81,43 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     if family.pixel_shuffle:
         note += f", pixel shuffle {config.downsample_ratio}"
     preprocess, preprocess_from = preprocess_from_dir(path, config.vision_config)
+    details = {"architecture": f"{config.model_type} (tower {type(tower_model).__name__})",
+               "vision_keys": vision_prefix + "*", "vision_shards": len(reader.files_for(
+                   k for k in reader.keys() if k.startswith(vision_prefix))),
+               "preprocess_from": preprocess_from}
+    full = _full_view(path, config, family, tower, reader, strategy) if view == "full" else {}
+    if full:
+        details["preprocess_from"] = full.pop("preprocess_from")
     return HFTowerEncoder(
         tower=tower, source="hf-mllm", projector_takes_prefix=strategy == "full",
         shuffle=config.downsample_ratio if family.pixel_shuffle else None,
         spec=spec, module=tower_model, preprocess=preprocess, projector=projector,
         layers=LayerInfo(default, tower.depth, tower.depth, note=note), layer=layer, with_projector=with_projector,
-        details={"architecture": f"{config.model_type} (tower {type(tower_model).__name__})",
-                 "vision_keys": vision_prefix + "*", "vision_shards": len(reader.files_for(
-                     k for k in reader.keys() if k.startswith(vision_prefix))),
-                 "preprocess_from": preprocess_from},
-    )
+        details=details, view=view, **full)
+
+
+def _full_view(path: Path, config, family: Family, tower: HFTower, reader, strategy: str) -> dict:
+    """The full view's processor, geometry and newline vector, or a one-line error where there is none."""
+    from .multiview import AnyresViews, TileViews
+    from .processors import image_processor
+    kind = config.model_type
+    if kind == "llava":
+        raise SpecError(f"{path}: LLaVA ({kind}) reads one view of the image; view 'full' is for anyres "
+                        "(LLaVA-NeXT / OneVision), InternVL and Qwen2-VL checkpoints")
+    preprocess, source = image_processor(path, kind, config)
+    if family.pixel_shuffle:
+        vision = config.vision_config
+        tile = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+        side = tile // tower.patch[0]
+        views = TileViews(preprocess.options, tile, int(side * config.downsample_ratio), side * tower.patch[0] / tile)
+        return {"full_preprocess": preprocess, "views": views, "preprocess_from": source}
+    if strategy == "full" and tower.num_prefix:
+        raise SpecError(f"{path / 'config.json'}: select strategy 'full' keeps the CLS token of every tile; the "
+                        "model cannot unpad such tiles, nor can view 'full'")
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    max_tiles = int(aspect.removeprefix("anyres_max_")) if isinstance(aspect, str) and aspect.startswith("anyres_max_") \
+        else None
+    newline_key = next((k for k in ("model.image_newline", "image_newline") if k in reader.keys()), None)
+    newline = reader.load([newline_key])[newline_key] if newline_key else None
+    return {"full_preprocess": preprocess, "views": AnyresViews(config, max_tiles=max_tiles), "newline": newline,
+            "preprocess_from": source}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from .base import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, Layer, Preprocess, Tokens, VisionEncoder
 
 # dual-tower model_type -> the model_type of its vision half
@@ -77,10 +77,20 @@ class HFTower:
         return native_size(self.config)
 
     def grid(self, pixels: torch.Tensor) -> tuple[int, int]:
-        h, w = pixels.shape[-2:]
-        if h % self.patch[0] or w % self.patch[1]:
-            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch}")
-        return h // self.patch[0], w // self.patch[1]
+        """The (h, w) patch grid the model's own patch embedding makes of ``pixels``.
+
+        CLIP, SigLIP, DINOv2 and InternViT embed patches with a stride-``patch`` conv that floors
+        (SigLIP so400m/14 at 384: 27x27, the last 6 px dropped); SigLIP2 NaFlex takes whole patches.
+        """
+        h, w = (int(v) for v in pixels.shape[-2:])
+        (ph, pw), kind = self.patch, self.kind
+        if h < ph or w < pw:
+            raise SpecError(f"{kind} input {h}x{w} is smaller than one {ph}x{pw} patch")
+        if kind == "siglip2_vision_model" and (h % ph or w % pw):
+            raise SpecError(f"siglip2 (NaFlex) input {h}x{w} is not a multiple of the patch size {ph}: the model "
+                            f"takes whole patches (its image processor resizes to multiples of {ph}); pass a size "
+                            f"such as {h // ph * ph}x{w // pw * pw}")
+        return h // ph, w // pw
 
     def run(self, pixels: torch.Tensor):
         """The model's own forward with all hidden states."""
@@ -94,7 +104,11 @@ class HFTower:
             shapes = torch.tensor([[gh, gw]] * b, device=pixels.device)
             return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes,
                               output_hidden_states=True)
+        self.grid(pixels)  # a one-line error for sizes the model cannot take
         kwargs = {}
+        # CLIP refuses any other input size unless asked to interpolate and SigLIP needs it for any
+        # other grid; at the native grid (SigLIP so400m/14-384: 27x27 = its 729 positions) the
+        # model's interpolation returns its own position embeddings unchanged.
         if self.kind in ("clip_vision_model", "siglip_vision_model") and tuple(pixels.shape[-2:]) != self.native_size:
             kwargs["interpolate_pos_encoding"] = True
         return self.model(pixel_values=pixels, output_hidden_states=True, **kwargs)
@@ -172,26 +186,71 @@ class HFTowerEncoder(VisionEncoder):
     """
 
     def __init__(self, *, tower: HFTower, source: str, projector_takes_prefix: bool = False,
-                 shuffle: float | None = None, head_projection: nn.Module | None = None, **kwargs):
+                 shuffle: float | None = None, head_projection: nn.Module | None = None,
+                 views=None, newline: torch.Tensor | None = None, **kwargs):
         self.tower = tower
         self.source = source
         self.projector_takes_prefix = projector_takes_prefix
         self.shuffle = shuffle
         self.head_projection = head_projection
+        self.views = views  # multiview.AnyresViews | TileViews: the full view's geometry
+        self.newline = newline  # the MLLM's image_newline vector (anyres), read by lm_sequence
         super().__init__(**kwargs)
         self.details.setdefault("token_layout", f"{tower.num_prefix} prefix token(s), patch {tower.patch[0]}x{tower.patch[1]}")
 
     def _layout(self) -> dict:
-        return {"prefix_tokens": self.tower.num_prefix, "pixel_shuffle": self.shuffle,
-                "projector_takes_prefix": self.projector_takes_prefix}
+        layout = {"prefix_tokens": self.tower.num_prefix, "pixel_shuffle": self.shuffle,
+                  "projector_takes_prefix": self.projector_takes_prefix}
+        if self.view == "full":
+            layout["views"] = self.views.settings()
+        return layout
+
+    def _covered(self, grid, size):
+        return float(grid[0] * self.tower.patch[0]), float(grid[1] * self.tower.patch[1])
+
+    def _forward_full(self, images, layers):
+        """Every tile of every image in one tower pass, then each image's tokens in LM order."""
+        counts = [im.pixel_values.shape[0] for im in images]
+        pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)
+        per_layer = self._forward_layers(pixels, layers)
+        out, start = [], 0
+        for image, n in zip(images, counts):
+            layout = self.views.layout(image.image_size)
+            row = []
+            for tokens in per_layer:
+                patches, prefix = tokens.patches[start:start + n], tokens.prefix[start:start + 1]
+                if hasattr(self.views, "split"):
+                    sequence = self.views.split(patches, image.image_size)
+                else:
+                    if n != len(layout.views):
+                        raise ValueError(f"{self.spec}: the processor made {n} tiles of a {image.image_size[1]}x"
+                                         f"{image.image_size[0]} image, the layout expects {len(layout.views)}")
+                    sequence = patches.reshape(-1, patches.shape[-1])
+                row.append(Tokens(sequence[None], prefix, None, tokens.layer, layout))
+            out.append(row)
+            start += n
+        return out
 
     def _forward_layers(self, pixels, layers):
+        if self.shuffle:
+            h, w = pixels.shape[-2:]
+            gh, gw = self.tower.grid(pixels)
+            if gh != gw:
+                raise SpecError(f"InternVL input {h}x{w} gives a non-square {gh}x{gw} patch grid: InternVL tiles are "
+                                f"square (its processor cuts {self.tower.native_size[0]}x{self.tower.native_size[1]} "
+                                "tiles and the model reshapes its tokens to a square)")
+            step = round(1 / self.shuffle)
+            if gh % step:
+                raise SpecError(f"InternVL input {h}x{w} gives a {gh}x{gw} patch grid that pixel shuffle "
+                                f"{self.shuffle} cannot take (the sides must be multiples of {step})")
         output = self.tower.run(pixels)
         grid = self.tower.grid(pixels)
         tokens = [self.tower.split(self.tower.hidden(output, layer), grid, layer) for layer in layers]
         return [pixel_shuffle(t, self.shuffle) for t in tokens] if self.shuffle else tokens
 
     def _project(self, tokens: Tokens) -> Tokens:
+        if self.view == "full" and hasattr(self.views, "project") and len(tokens.layout.views) > 1:
+            return self.views.project(tokens, self.projector)
         if not (self.projector_takes_prefix and tokens.num_prefix):
             return super()._project(tokens)
         p = tokens.num_prefix
@@ -211,8 +270,9 @@ def pixel_shuffle(tokens: Tokens, ratio: float) -> Tokens:
     """InternVL's space-to-depth: (h, w, D) -> (h*r, w*r, D/r^2); the CLS token is dropped."""
     b, _, d = tokens.patches.shape
     h, w = tokens.grid
-    if (h * ratio) % 1 or (w * ratio) % 1:
-        raise ValueError(f"grid {h}x{w} cannot be pixel-shuffled by {ratio}")
+    if (h * ratio) % 1 or (w * ratio) % 1 or (d / ratio ** 2) % 1:
+        raise SpecError(f"a {h}x{w} patch grid of width {d} cannot be pixel-shuffled by {ratio} "
+                        f"(grid sides times {ratio} and width / {ratio}^2 must be whole numbers)")
     x = tokens.patches.reshape(b, h, w, d)
     x = x.reshape(b, h, int(w * ratio), int(d / ratio)).permute(0, 2, 1, 3)
     x = x.reshape(b, int(w * ratio), int(h * ratio), int(d / ratio ** 2)).permute(0, 2, 1, 3)

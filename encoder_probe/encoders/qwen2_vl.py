@@ -18,6 +18,7 @@ from .base import CLIP_MEAN, CLIP_STD, LayerInfo, Preprocess, Tokens, VisionEnco
 from .checkpoint import CheckpointReader, load_into
 from .hf_tower import load_config
 from .registry import read_config, register_source
+from .views import TokenLayout, View, single_view
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 VISION_PREFIXES = ("model.visual.", "visual.")
@@ -66,24 +67,45 @@ class QwenVisionEncoder(VisionEncoder):
         return tokens.reshape(b, h // m, w // m, m, m, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, d)
 
     def _forward_layers(self, pixels, layers):
-        b = pixels.shape[0]
         grid = self._grid(pixels)
         flat, grid_thw = self._patchify(pixels)
+        per_image = self._run(flat, grid_thw, layers)
+        result = []
+        for k, layer in enumerate(layers):
+            x = torch.stack([image[k] for image in per_image])
+            result.append(Tokens(x, x[:, :0], grid, layer))
+        return result
+
+    def _run(self, flat, grid_thw, layers) -> list[list[torch.Tensor]]:
+        """The tower on flattened patches of any number of images of any sizes (the model packs them
+        into one sequence); per image, per layer: (h*w, D) row-major over its patch grid."""
         out = self.visual(flat, grid_thw=grid_thw, output_hidden_states=True)
         unwindow = None
         if self.windowed:
             from transformers.vision_utils import get_vision_window_index
             window_index, _ = get_vision_window_index(grid_thw, self.merge, self.visual.window_size, self.patch)
             unwindow = torch.argsort(window_index.to(flat.device))
-        result = []
+        sizes = [int(t * h * w) for t, h, w in grid_thw.tolist()]
+        per_layer = []
         for layer in layers:
-            x = out.hidden_states[layer]  # (B*h*w, D), merge-block order (window order for 2.5)
+            x = out.hidden_states[layer]  # (sum h*w, D), merge-block order (window order for 2.5)
             if unwindow is not None:
                 unit = self.merge ** 2
                 x = x.reshape(-1, unit, x.shape[-1])[unwindow].reshape(x.shape)
-            x = self._row_major(x.reshape(b, -1, x.shape[-1]), grid)
-            result.append(Tokens(x, x[:, :0], grid, layer))
-        return result
+            per_layer.append([self._row_major(part[None], (int(h), int(w)))[0] for part, (_, h, w)
+                              in zip(torch.split(x, sizes), grid_thw.tolist())])
+        return [[per_layer[k][i] for k in range(len(layers))] for i in range(len(sizes))]
+
+    def _forward_full(self, images, layers):
+        """Native resolution: each image at the size the processor's smart_resize chose, all in one pass."""
+        flat = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)
+        grid_thw = torch.stack([im.extra["image_grid_thw"] for im in images]).to(self.device)
+        out = []
+        for image, thw, tokens in zip(images, grid_thw.tolist(), self._run(flat, grid_thw, layers)):
+            grid = (int(thw[1]), int(thw[2]))
+            layout = single_view(grid, image.image_size, name="image")
+            out.append([Tokens(t[None], t[None, :0], grid, layer, layout) for t, layer in zip(tokens, layers)])
+        return out
 
     def _project(self, tokens: Tokens) -> Tokens:
         """The merger on any layer's tokens: groups of merge x merge neighbours -> one LLM token."""
@@ -91,7 +113,11 @@ class QwenVisionEncoder(VisionEncoder):
         x = self._merge_order(tokens.patches, tokens.grid)
         merged = self.visual.merger(x.reshape(-1, d)).reshape(b, -1, self.visual.merger.mlp[-1].out_features)
         grid = (tokens.grid[0] // self.merge, tokens.grid[1] // self.merge)
-        return Tokens(merged, merged[:, :0], grid, tokens.layer)
+        layout = None
+        if tokens.layout is not None:  # merged tokens cover the same box, merge x merge patches each
+            view = tokens.layout.views[0]
+            layout = TokenLayout(tokens.layout.image_size, (View.uniform(view.name, grid, view.box),))
+        return Tokens(merged, merged[:, :0], grid, tokens.layer, layout)
 
 
 def _preprocess(path: Path, factor: int, image_size: tuple[int, int] | None) -> tuple[Preprocess, str]:
@@ -112,7 +138,7 @@ def _preprocess(path: Path, factor: int, image_size: tuple[int, int] | None) -> 
 
 @register_source("qwen2-vl", description="Qwen2-VL / Qwen2.5-VL dirs (visual tower + merger, dynamic "
                  "resolution at a fixed --image-size)", detect=detect)
-def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, image_size=None):
+def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, image_size=None, view="base"):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
@@ -130,10 +156,18 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     visual = cls._from_config(vcfg)
     load_into(visual, reader.load_prefix(prefix), source=path)
     depth = vcfg.depth
+    full = {}
+    if view == "full":
+        from .processors import image_processor
+        if image_size is not None:
+            raise SpecError(f"{path}: view 'full' is the native resolution the processor chooses (min/max pixels "
+                            "from preprocessor_config.json); --image-size is for view base")
+        full_preprocess, preprocess_from = image_processor(path, config.model_type, config)
+        full = {"full_preprocess": full_preprocess}
     return QwenVisionEncoder(
         visual=visual, spec=spec, module=visual, preprocess=preprocess, projector=visual.merger,
         layers=LayerInfo(depth, depth, depth, has_final=False, note="last block output = the merger's input"),
         layer=layer, with_projector=with_projector,
         details={"architecture": f"{config.model_type} ({cls.__name__})", "vision_keys": prefix + "*",
                  "merge": f"{vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} merger", "preprocess_from": preprocess_from},
-    )
+        view=view, **full)

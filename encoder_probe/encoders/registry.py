@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError, SpecError
-from .base import VisionEncoder
+from .base import VIEWS, VisionEncoder
 
 
 @dataclass(frozen=True)
@@ -180,11 +180,21 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
     ``layer`` overrides the default (what the MLLM's projector consumes, or the model's own final
     tokens for plain encoders); random-init towers are seeded (0), so a spec always names the
     same weights; ``with_projector=True`` makes ``forward_tokens`` return projected
-    tokens. Source-specific options (``vision_config=DIR``, ``image_size=448`` or ``"336x504"`` or
+    tokens. ``view``: "base" (default; the single view every source has) or "full" (MLLMs: every
+    token the LM reads, tiles and native resolution included, through the checkpoint's own image
+    processor; tokens carry their layout on the image). Source-specific options (``vision_config=DIR``, ``image_size=448`` or ``"336x504"`` or
     ``(336, 504)``, height x width) pass through; ``device`` is checked before anything is read.
     """
     source, target, weights = parse_spec(spec)
     accepted = inspect.signature(source.load).parameters
+    view = options.pop("view", None) or "base"
+    if view not in VIEWS:
+        raise SpecError(f"unknown view {view!r}; choose {' or '.join(VIEWS)}")
+    if "view" in accepted:
+        options["view"] = view
+    elif view != "base":
+        raise SpecError(f"{spec}: source {source.name!r} reads one view of an image; view 'full' is for MLLM "
+                        "checkpoints with multi-view input (LLaVA-OneVision, LLaVA-NeXT, Qwen2/2.5-VL, InternVL)")
     for name in options:
         if name not in accepted:
             raise SpecError(f"source {source.name!r} takes no option {name!r}")

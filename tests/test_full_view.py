@@ -1,0 +1,170 @@
+"""View `full` at the published geometry: every token the MLLM's LM reads, equal to the model's own
+get_image_features on real photos of three aspect ratios (tiny widths, real patch / tile / merge /
+pinpoint geometry, real on-disk layouts)."""
+import pytest
+import torch
+
+from encoder_probe.assets import photo
+from encoder_probe.encoders import load_encoder
+from encoder_probe.errors import SpecError
+from encoder_probe.toy import published_mllm
+
+PHOTOS = ("astronaut", "chelsea", "coffee")  # 512x512, 451x300, 600x400
+KINDS = ("llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return {name: photo(name) for name in PHOTOS}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def mllm(request, tmp_path_factory):
+    model = published_mllm(request.param).eval()
+    out = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(out)
+    return request.param, model, out
+
+
+def _reference(kind, model, processor, image):
+    """(projector input in LM order, get_image_features output) of the model itself, for one image."""
+    inputs = processor(images=image, return_tensors="pt")
+    cfg = model.config
+    with torch.no_grad():
+        if kind.startswith("qwen"):
+            pv, thw = inputs["pixel_values"], inputs["image_grid_thw"]
+            visual = model.model.visual
+            hidden = visual(pv, grid_thw=thw, output_hidden_states=True).hidden_states[-1]
+            if kind == "qwen2_5_vl":  # blocks run in attention-window order: undo it
+                from transformers.vision_utils import get_vision_window_index
+                order, _ = get_vision_window_index(thw, 2, visual.window_size, 14)
+                hidden = hidden.reshape(-1, 4, hidden.shape[-1])[torch.argsort(order)].reshape(hidden.shape)
+            _, h, w = thw[0].tolist()  # merge-block order (2x2 neighbours adjacent) -> row-major
+            hidden = hidden.reshape(h // 2, w // 2, 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+            out = model.model.get_image_features(pixel_values=pv, image_grid_thw=thw).pooler_output[0]
+            return hidden, out, thw[0]
+        if kind == "internvl":
+            pv = inputs["pixel_values"]
+            feats = model.model.vision_tower(pixel_values=pv).last_hidden_state[:, 1:]
+            side = int(feats.shape[1] ** 0.5)
+            shuffled = model.model.pixel_shuffle(feats.reshape(len(pv), side, side, -1), cfg.downsample_ratio)
+            out = model.model.get_image_features(pixel_values=pv, vision_feature_layer=cfg.vision_feature_layer,
+                                                 vision_feature_select_strategy="default").pooler_output
+            return shuffled.reshape(-1, shuffled.shape[-1]), out.reshape(-1, out.shape[-1]), None
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+        pv, sizes = inputs["pixel_values"][0], inputs["image_sizes"]
+        hidden = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        rows, cols = get_anyres_image_grid_shape(sizes[0], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        tiles = hidden[1:].reshape(rows, cols, g, g, -1).permute(4, 0, 2, 1, 3).reshape(-1, rows * g, cols * g)
+        tiles = unpad_image(tiles, sizes[0])
+        projector_input = torch.cat([hidden[0], tiles.flatten(1).T])
+        kwargs = {"vision_aspect_ratio": cfg.vision_aspect_ratio} if kind == "llava_onevision" else {}
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes,
+                                             vision_feature_layer=cfg.vision_feature_layer,
+                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                             **kwargs).pooler_output[0]
+        return projector_input, out, hidden[0]
+
+
+def test_full_view_equals_the_models_own_image_features(mllm, images):
+    kind, model, path = mllm
+    tower = load_encoder(str(path), view="full")
+    projected = load_encoder(str(path), view="full", with_projector=True)
+    processor = tower.preprocess.build()
+    assert tower.details["preprocess_from"].startswith("published")  # no preprocessor_config.json in the dir
+    for name, image in images.items():
+        projector_input, features, extra = _reference(kind, model, processor, image)
+        with torch.no_grad():
+            tokens = tower.encode(image)
+            lm = projected.encode(image)
+        assert tokens.layout.image_size == (image.height, image.width)
+        torch.testing.assert_close(tokens.patches[0], projector_input, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
+        torch.testing.assert_close(projected.lm_sequence(lm)[0], features, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
+        # the LM reads exactly as many tokens as our layout counts (newlines included)
+        assert lm.layout.lm_tokens == features.shape[0]
+        if kind.startswith("qwen"):
+            assert tokens.grid == (int(extra[1]), int(extra[2]))  # smart_resize's grid, not a squashed square
+            assert lm.grid == (tokens.grid[0] // 2, tokens.grid[1] // 2)
+        elif kind != "internvl":  # the base view is the model's base view
+            torch.testing.assert_close(tokens.view("base").patches[0], extra, atol=1e-5, rtol=1e-5)
+
+
+def test_published_token_counts(tmp_path, images):
+    """The counts a researcher reads in papers: OneVision 729 + tiles (+ newlines), InternVL 256 a tile."""
+    model = published_mllm("llava_onevision")
+    model.save_pretrained(tmp_path / "ov")
+    ov = load_encoder(str(tmp_path / "ov"), view="full", with_projector=True)
+    counts = {name: ov.encode(im).layout.lm_tokens for name, im in images.items()}
+    assert counts == {"astronaut": 729 + 54 * 55, "chelsea": 729 + 27 * 41, "coffee": 729 + 36 * 55}
+    base = load_encoder(str(tmp_path / "ov"))
+    assert base.encode(images["chelsea"]).grid == (27, 27)  # SigLIP/14 at 384 floors to 27x27
+
+
+def test_anyres_max_shrinks_big_grids_as_the_model_does(tmp_path):
+    """A 2000x1900 photo: 6x6 tiles, unpadded 162 x 154 > 9 x 729 tokens: OneVision shrinks it."""
+    model = published_mllm("llava_onevision").eval()
+    model.save_pretrained(tmp_path)
+    enc = load_encoder(str(tmp_path), view="full", with_projector=True)
+    image = photo("astronaut").resize((1900, 2000))
+    inputs = enc.preprocess.build()(images=image, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                             vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                             vision_aspect_ratio="anyres_max_9").pooler_output[0]
+        tokens = enc.encode(image)
+    tiles = tokens.layout.views[1]
+    assert tiles.grid[0] * tiles.grid[1] < 9 * 729 * 1.3
+    torch.testing.assert_close(enc.lm_sequence(tokens)[0], ref, atol=1e-5, rtol=1e-5)
+    # the shrunk grid still spans the same part of the photo
+    tower = load_encoder(str(tmp_path), view="full").encode(image).layout.views[1]
+    assert tiles.box == pytest.approx(tower.box)
+
+
+def test_processor_from_the_checkpoint_dir(tmp_path, images):
+    """A preprocessor_config.json in the dir wins over the published settings (Qwen: its max_pixels)."""
+    import transformers as T
+    model = published_mllm("qwen2_vl")
+    model.save_pretrained(tmp_path)
+    T.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=100_000, patch_size=14, merge_size=2).save_pretrained(tmp_path)
+    enc = load_encoder(str(tmp_path), view="full")
+    assert enc.details["preprocess_from"].startswith("preprocessor_config.json")
+    tokens = enc.encode(images["coffee"])
+    h, w = tokens.grid
+    assert h * w * 14 * 14 <= 100_000 and abs(w / h - 600 / 400) < 0.1
+    assert "smart_resize" in enc.describe()["preprocess"]
+    assert load_encoder(str(tmp_path)).fingerprint != enc.fingerprint
+
+
+def test_full_view_pools_whole_sequence_or_one_view(tmp_path, images):
+    model = published_mllm("llava_next")
+    model.save_pretrained(tmp_path)
+    enc = load_encoder(str(tmp_path), view="full")
+    tokens = enc.encode(images["chelsea"])
+    torch.testing.assert_close(enc.pool(tokens, "mean"), tokens.patches.mean(1))
+    base = tokens.patches[:, tokens.layout.span("base")]
+    torch.testing.assert_close(enc.pool(tokens, "mean", view="base"), base.mean(1))
+    torch.testing.assert_close(enc.pool(tokens, "cls"), tokens.prefix[:, 0])  # the base tile's CLS
+    with pytest.raises(KeyError, match="no view 'thumbnail'"):
+        enc.pool(tokens, "mean", view="thumbnail")
+    with pytest.raises(ValueError, match="no single grid"):
+        tokens.to_map()
+
+
+def test_full_view_refusals(tmp_path):
+    from encoder_probe.toy import write_hf_mllm
+    model = published_mllm("qwen2_5_vl")
+    model.save_pretrained(tmp_path / "qwen")
+    with pytest.raises(SpecError, match="native resolution"):
+        load_encoder(str(tmp_path / "qwen"), view="full", image_size=448)
+    with pytest.raises(SpecError, match="unknown view"):
+        load_encoder(str(tmp_path / "qwen"), view="tiles")
+    with pytest.raises(SpecError, match="one view"):
+        load_encoder("timm:test_vit", view="full")
+    enc = load_encoder(str(tmp_path / "qwen"), view="full")
+    with pytest.raises(ValueError, match="processed images"):
+        enc.forward_tokens(torch.zeros(1, 3, 56, 56))
+    write_hf_mllm(tmp_path / "ov", "llava_onevision")  # toy geometry still loads in both views
+    assert load_encoder(str(tmp_path / "ov"), view="full").view == "full"

@@ -52,6 +52,7 @@ def write_pivot(out: str | Path, *, tower: str = "local/tiny-siglip", vision: di
     projector = torch.nn.Sequential(torch.nn.Linear(d, hidden_size), torch.nn.GELU(),
                                     torch.nn.Linear(hidden_size, hidden_size))
     state.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()})
+    state["model.image_newline"] = torch.randn(hidden_size)
     state["model.embed_tokens.weight"] = torch.randn(128, hidden_size)
     state["model.layers.0.mlp.down_proj.weight"] = torch.randn(hidden_size, hidden_size)
     state["lm_head.weight"] = torch.randn(128, hidden_size)
@@ -60,7 +61,8 @@ def write_pivot(out: str | Path, *, tower: str = "local/tiny-siglip", vision: di
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
     config = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "hidden_size": hidden_size,
               "mm_vision_tower": tower, "mm_hidden_size": d, "mm_projector_type": "mlp2x_gelu",
-              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres_max_9"}
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres_max_9",
+              "image_grid_pinpoints": "(1x1),...,(6x6)", "mm_patch_merge_type": "spatial_unpad"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 

@@ -168,3 +168,42 @@ def test_full_view_refusals(tmp_path):
         enc.forward_tokens(torch.zeros(1, 3, 56, 56))
     write_hf_mllm(tmp_path / "ov", "llava_onevision")  # toy geometry still loads in both views
     assert load_encoder(str(tmp_path / "ov"), view="full").view == "full"
+
+
+def test_pivot_dir_full_view_equals_transformers_onevision(tmp_path, images):
+    """A LLaVA-NeXT / PIVOT training dir (anyres_max_9, "(1x1),...,(6x6)", spatial_unpad), read in view
+    full, equals transformers' LlavaOnevision holding the same tower, projector and newline."""
+    import transformers as T
+    from safetensors.torch import load_file
+    from encoder_probe.toy import TEXT, write_pivot, write_siglip_dir
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=384,
+                  patch_size=14)
+    write_siglip_dir(tmp_path / "tower", **vision)
+    path = write_pivot(tmp_path / "pivot", vision=vision)
+    enc = load_encoder(str(path), view="full", with_projector=True, vision_config=str(tmp_path / "tower"))
+    # the same weights in transformers' own class: truncated tower (2 blocks), layer -1 before post_layernorm
+    config = T.LlavaOnevisionConfig(vision_config=dict(vision, model_type="siglip_vision_model", num_hidden_layers=2,
+                                                       vision_use_head=False),
+                                    text_config=dict(TEXT, num_hidden_layers=1), vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                    image_grid_pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+                                    projector_hidden_act="gelu")
+    model = T.LlavaOnevisionForConditionalGeneration(config).eval()
+    state = load_file(path / "model.safetensors")
+    own = {k.replace("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."): v
+           for k, v in state.items() if k.startswith("model.vision_tower.")}
+    own |= {f"model.multi_modal_projector.linear_{1 if i == '0' else 2}.{p}": state[f"model.mm_projector.{i}.{p}"]
+            for i in "02" for p in ("weight", "bias")}
+    own["model.image_newline"] = state["model.image_newline"]
+    missing = model.load_state_dict(own, strict=False)
+    assert not [k for k in missing.missing_keys if "vision" in k or "projector" in k or "newline" in k]
+    processor = enc.preprocess.build()
+    for name in ("chelsea", "coffee"):
+        inputs = processor(images=images[name], return_tensors="pt")
+        with torch.no_grad():
+            ref = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                                 vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                                 vision_aspect_ratio="anyres_max_9").pooler_output[0]
+            tokens = enc.encode(images[name])
+        torch.testing.assert_close(enc.lm_sequence(tokens)[0], ref, atol=1e-5, rtol=1e-5)
+    assert "pinpoints" in enc.describe()["preprocess"]

@@ -66,6 +66,11 @@ class CheckpointReader:
             out.update(_load_file(file, file_keys))
         return out
 
+    def first_tensor(self, names: Iterable[str]) -> torch.Tensor | None:
+        """The first of ``names`` the checkpoint has (one weight in several layouts), or None."""
+        name = next((n for n in names if n in self._key_to_file), None)
+        return None if name is None else self.load([name])[name]
+
     def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under ``prefix``, with the prefix stripped."""
         keys = [k for k in self._key_to_file if k.startswith(prefix)]

@@ -34,6 +34,9 @@ FAMILIES = {
 }
 
 
+NEWLINE_KEYS = ("model.image_newline", "image_newline")
+
+
 def detect(config: dict) -> bool:
     if "InternVLChatModel" in (config.get("architectures") or []):
         return True  # recognised, refused with a clear message in load()
@@ -117,7 +120,5 @@ def _full_view(path: Path, config, family: Family, tower: HFTower, reader, strat
     aspect = getattr(config, "vision_aspect_ratio", None)
     max_tiles = int(aspect.removeprefix("anyres_max_")) if isinstance(aspect, str) and aspect.startswith("anyres_max_") \
         else None
-    newline_key = next((k for k in ("model.image_newline", "image_newline") if k in reader.keys()), None)
-    newline = reader.load([newline_key])[newline_key] if newline_key else None
-    return {"full_preprocess": preprocess, "views": AnyresViews(config, max_tiles=max_tiles), "newline": newline,
-            "preprocess_from": source}
+    return {"full_preprocess": preprocess, "views": AnyresViews(config, max_tiles=max_tiles),
+            "newline": reader.first_tensor(NEWLINE_KEYS), "preprocess_from": source}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
 from .hf_tower import HFTower, HFTowerEncoder, build_tower, default_preprocess, load_config, preprocess_from_dir, vision_config_of
@@ -62,7 +62,8 @@ def infer_tower_params(state: dict, present_layers: int) -> dict:
 
 @register_source("llava", description="LLaVA-NeXT / PIVOT MLLM dir (mm_vision_tower, model.mm_projector)",
                  detect=detect)
-def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, vision_config=None):
+def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, vision_config=None,
+         view="base"):
     path = Path(directory)
     config = read_config(path)
     reader = CheckpointReader(path)
@@ -109,12 +110,60 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
         projector = build_projector(config.get("mm_projector_type", "linear"),
                                     config.get("mm_hidden_size", vcfg.hidden_size), config["hidden_size"])
         load_into(projector, reader.load_prefix(projector_prefix), source=path)
+    full = _full_view(path, config, vcfg, preprocess, reader) if view == "full" else {}
     return HFTowerEncoder(
-        tower=tower, source="llava",
+        tower=tower, source="llava", view=view, **full,
         projector_takes_prefix=config.get("mm_vision_select_feature", "patch") == "cls_patch",
         spec=spec, module=model, preprocess=preprocess, projector=projector,
         layers=LayerInfo(default, depth, present, has_final=present == depth and not missing, note=note),
         layer=layer, with_projector=with_projector,
         details={"architecture": f"{tower.kind} from {arch_from}", "mm_vision_tower": tower_id,
-                 "vision_keys": prefix + "*", "blocks_in_weights": present},
+                 "vision_keys": prefix + "*", "blocks_in_weights": present,
+                 **({"preprocess_from": "LlavaOnevisionImageProcessor with the dir's image_grid_pinpoints and the "
+                                        "tower's mean/std (as transformers' conversion of these checkpoints)"}
+                    if view == "full" else {})},
     )
+
+
+def grid_pinpoints(value, tile: int) -> list[list[int]]:
+    """LLaVA-NeXT's ``image_grid_pinpoints``: a list of [h, w], or the range form "(1x1),...,(6x6)"
+    (tile multiples, as the LLaVA-NeXT code expands it)."""
+    if isinstance(value, str):
+        found = re.findall(r"\((\d+)x(\d+)\)", value)
+        if len(found) != 2:
+            raise ValueError(f"image_grid_pinpoints {value!r}: expected a list or '(AxB),...,(CxD)'")
+        (r0, c0), (r1, c1) = [(int(a), int(b)) for a, b in found]
+        return [[i * tile, j * tile] for i in range(r0, r1 + 1) for j in range(c0, c1 + 1)]
+    return [[int(h), int(w)] for h, w in value]
+
+
+def _full_view(path: Path, config: dict, vcfg, preprocess, reader) -> dict:
+    """Anyres as LLaVA-OneVision's transformers conversion reproduces it: the OneVision image processor
+    with the dir's pinpoints and the tower's mean/std, the model's newline vector and anyres_max."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from .multiview import AnyresViews
+    from .processors import ProcessorPreprocess
+    aspect = str(config.get("image_aspect_ratio", "square"))
+    merge = config.get("mm_patch_merge_type", "spatial_unpad")
+    where = path / "config.json"
+    if not aspect.startswith("anyres"):
+        raise SpecError(f"{where}: image_aspect_ratio {aspect!r} reads one view of the image; view 'full' needs anyres")
+    if "unpad" not in merge:
+        raise SpecError(f"{where}: mm_patch_merge_type {merge!r} is not supported by view 'full' (spatial_unpad is)")
+    if "image_grid_pinpoints" not in config:
+        raise SpecError(f"{where}: anyres without image_grid_pinpoints")
+    tile = vcfg.image_size
+    try:
+        points = grid_pinpoints(config["image_grid_pinpoints"], tile)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    geometry = SimpleNamespace(image_grid_pinpoints=points, vision_config=vcfg)
+    max_tiles = int(aspect.removeprefix("anyres_max_")) if aspect.startswith("anyres_max_") else None
+    processor = transformers.LlavaOnevisionImageProcessor(
+        size={"height": tile, "width": tile}, image_mean=list(preprocess.mean), image_std=list(preprocess.std),
+        image_grid_pinpoints=points, do_pad=True)
+    return {"full_preprocess": ProcessorPreprocess.of(processor), "views": AnyresViews(geometry, max_tiles=max_tiles),
+            "newline": reader.first_tensor(("model.image_newline", "image_newline"))}

@@ -207,3 +207,49 @@ def test_pivot_dir_full_view_equals_transformers_onevision(tmp_path, images):
             tokens = enc.encode(images[name])
         torch.testing.assert_close(enc.lm_sequence(tokens)[0], ref, atol=1e-5, rtol=1e-5)
     assert "pinpoints" in enc.describe()["preprocess"]
+
+
+def _tokenizer(specials, **named):
+    """A tiny offline tokenizer that knows the MLLM's image placeholder tokens."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["[UNK]", *specials])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(specials))
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", extra_special_tokens=named or None)
+
+
+def _mllm_processor(kind, image_processor):
+    """The model's full processor (image + text): (processor, prompt, placeholder token)."""
+    import transformers as T
+    if kind == "llava_onevision":
+        return T.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=_tokenizer(["<image>", "<video>"]),
+                                         video_processor=T.LlavaOnevisionVideoProcessor(), num_image_tokens=729,
+                                         vision_feature_select_strategy="full"), "<image>", "<image>"
+    if kind == "llava_next":  # published processor_config: one additional (CLS) token, strategy default
+        return T.LlavaNextProcessor(image_processor=image_processor, tokenizer=_tokenizer(["<image>"]), patch_size=14,
+                                    vision_feature_select_strategy="default", num_additional_image_tokens=1), \
+            "<image>", "<image>"
+    if kind.startswith("qwen"):
+        cls = T.Qwen2VLProcessor if kind == "qwen2_vl" else T.Qwen2_5_VLProcessor
+        tokens = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+        return cls(image_processor=image_processor, tokenizer=_tokenizer(tokens), video_processor=T.Qwen2VLVideoProcessor()), \
+            "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"
+    tokens = dict(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                  video_token="<video>")
+    return T.InternVLProcessor(image_processor=image_processor, tokenizer=_tokenizer(list(tokens.values()), **tokens),
+                               video_processor=T.InternVLVideoProcessor(), image_seq_length=256), \
+        "<IMG_CONTEXT>", "<IMG_CONTEXT>"
+
+
+def test_token_counts_equal_the_placeholders_the_processor_inserts(mllm, images):
+    """What the model's own processor writes into the LM's input_ids for each photo = our lm_tokens."""
+    kind, _, path = mllm
+    enc = load_encoder(str(path), view="full", with_projector=True)
+    processor, prompt, placeholder = _mllm_processor(kind, enc.preprocess.build())
+    token_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
+    for name, image in images.items():
+        ids = processor(images=image, text=prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            layout = enc.encode(image).layout
+        assert int((ids == token_id).sum()) == layout.lm_tokens, f"{kind} {name}"

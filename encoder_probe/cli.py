@@ -25,7 +25,14 @@ def _load_options(args) -> dict:
         options["vision_config"] = args.vision_config
     if getattr(args, "image_size", None):
         options["image_size"] = args.image_size  # the string as given (448, 336x504): load_encoder parses it
+    if getattr(args, "view", None) is not None:
+        options["view"] = args.view
     return options
+
+
+def _specs(args) -> list[str]:
+    spec = getattr(args, "spec", None) or getattr(args, "encoder", None)
+    return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
 
 
 def check_args(args) -> None:
@@ -43,6 +50,10 @@ def check_args(args) -> None:
         except SpecError as e:
             message = str(e)
             raise SpecError(message if message.startswith(flag) else f"{flag}: {message}") from None
+    if getattr(args, "view", None) is not None:  # a view the spec's source can give (full: MLLMs only)
+        from .runner import check_view
+        for spec in _specs(args) or [None]:
+            check_view(spec, args.view)
 
 
 def _sample_pixels(encoder, n: int = 2):
@@ -82,11 +93,22 @@ def cmd_inspect(args) -> int:
 
     encoder = load_encoder(args.spec, device=args.device, dtype=args.dtype, layer=args.layer,
                            with_projector=args.with_projector, **_load_options(args))
-    with torch.inference_mode():
-        tokens = encoder.forward_tokens(_sample_pixels(encoder))
     info = encoder.describe()
-    info.update(patches=list(tokens.patches.shape), prefix=list(tokens.prefix.shape),
-                grid=f"{tokens.grid[0]}x{tokens.grid[1]}", fingerprint=encoder.fingerprint)
+    if encoder.view == "full":
+        examples = _full_view_examples(encoder)
+        first = examples[0].pop("_tokens")
+        for example in examples[1:]:
+            example.pop("_tokens")
+        info.update(patches=list(first.patches.shape), prefix=list(first.prefix.shape),
+                    grid="+".join(view["grid"] for view in examples[0]["views"]), examples=examples)
+    else:
+        with torch.inference_mode():
+            tokens = encoder.forward_tokens(_sample_pixels(encoder))
+        info.update(patches=list(tokens.patches.shape), prefix=list(tokens.prefix.shape),
+                    grid=f"{tokens.grid[0]}x{tokens.grid[1]}")
+        size = encoder.base_preprocess.size
+        info["token_counts"] = encoder.base_layout(tuple(size), tokens.grid).counts()
+    info["fingerprint"] = encoder.fingerprint
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -99,11 +121,59 @@ def cmd_inspect(args) -> int:
             ("preprocess", info["preprocess"]), ("params", f"{info['n_params']:,}"),
             ("device", f"{info['device']} {info['dtype']}"), ("fingerprint", info["fingerprint"])]
     shown = {"spec", "source", "architecture", "layer", "layer_note", "depth", "patches", "prefix", "grid",
-             "with_projector", "preprocess", "n_params", "device", "dtype", "fingerprint", "available_layers"}
+             "with_projector", "preprocess", "n_params", "device", "dtype", "fingerprint", "available_layers",
+             "view", "token_counts", "examples"}
+    rows.insert(4, ("view", "full: every visual token the LM reads, through the checkpoint's own processor"
+                    if encoder.view == "full" else "base: one view at the tower's input size (--view full: "
+                    "every token the LM reads, for MLLMs)"))
+    if "token_counts" in info:
+        counts = info["token_counts"]
+        rows.insert(6, ("token count", f"base view {counts['views'][0]['grid']}: {counts['visual_tokens']} "
+                        f"visual tokens, {counts['lm_tokens']} LM tokens per image"))
     rows += [(k, str(v)) for k, v in info.items() if k not in shown]
     for key, value in rows:
         print(f"{key:<18}{value}")
+    for example in info.get("examples", []):
+        h, w = example["image_size"]
+        print(f"\nexample photo {example['photo']!r} ({w}x{h}): {example['tile_grid']}")
+        print(f"  {'view':<12}{'grid':<9}{'tokens':>8}{'newlines':>10}")
+        for view in example["views"]:
+            print(f"  {view['name']:<12}{view['grid']:<9}{view['tokens']:>8}{view['newlines']:>10}")
+        print(f"  {'total':<21}{example['visual_tokens']:>8}{example['lm_tokens'] - example['visual_tokens']:>10}"
+              f"  = {example['lm_tokens']} LM tokens")
     return 0
+
+
+EXAMPLE_PHOTOS = ("astronaut", "chelsea")  # square 512x512, and 451x300
+
+
+def _full_view_examples(encoder) -> list[dict]:
+    """Per example photo: the views the model makes of it, their grids and token counts, the tiles."""
+    import torch
+
+    from .assets import photo
+    out = []
+    for name in EXAMPLE_PHOTOS:
+        image = photo(name)
+        processed = encoder.transform(image)
+        with torch.inference_mode():
+            tokens = encoder.forward_tokens([processed])[0]
+        out.append({"photo": name, "image_size": [image.height, image.width],
+                    "tile_grid": _tile_grid(encoder, processed), **tokens.layout.counts(), "_tokens": tokens})
+    return out
+
+
+def _tile_grid(encoder, processed) -> str:
+    """What the processor cut: anyres / InternVL tiles (rows x cols), or Qwen's native patch grid."""
+    views = getattr(encoder, "views", None)
+    inputs = processed.pixel_values.shape[0]
+    if "image_grid_thw" in processed.extra:
+        t, h, w = (int(x) for x in processed.extra["image_grid_thw"])
+        return f"native resolution: {h}x{w} patches of {processed.pixel_values.shape[-1]} values ({t} frame)"
+    if views is not None and hasattr(views, "tile_grid"):
+        rows, cols = views.tile_grid(tuple(processed.image_size))
+        return f"tile grid {rows}x{cols} ({inputs} tower inputs of {'x'.join(map(str, processed.pixel_values.shape[-2:]))})"
+    return f"{inputs} tower inputs"
 
 
 def _parse_data(values) -> dict | None:
@@ -161,8 +231,12 @@ def cmd_extract(args) -> int:
                            num_workers=args.workers, on_bad_image=args.on_bad_image)
         if int(os.environ.get("RANK", "0")) == 0:
             skipped = features.meta["skipped"]
+            counts = features.meta.get("tokens_per_image") or {}
+            tokens = "" if not counts.get("lm") else (
+                f" (view full: {counts['visual']['min']}..{counts['visual']['max']} visual, "
+                f"{counts['lm']['min']}..{counts['lm']['max']} LM tokens per image)")
             print(f"{name}/{split}: {len(features)} images -> {features.path}"
-                  + (f" ({len(skipped)} unreadable skipped)" if skipped else ""))
+                  + (f" ({len(skipped)} unreadable skipped)" if skipped else "") + tokens)
     return 0
 
 
@@ -318,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the checkpoint's own, else the built-in known towers, else the weights' shapes)")
         p.add_argument("--image-size", metavar="N|HxW", help="input size for dynamic-resolution towers "
                        "(Qwen2-VL), e.g. 448 or 336x504 (default: the tower's own)")
+        p.add_argument("--view", metavar="base|full", help="base: one view at the tower's input size; full "
+                       "(MLLMs): every visual token the LM reads (anyres base + tiles, InternVL tiles + thumbnail, "
+                       "Qwen native resolution) through the checkpoint's own processor (default: base)")
 
     spec_help = "encoder spec SOURCE:NAME[@WEIGHTS] (e.g. timm:vit_small_patch16_224) or a checkpoint directory"
 

@@ -15,6 +15,15 @@ there and computes the rest with the same batches, so the merged entry is byte-i
 uninterrupted run. Under ``torchrun`` rank r takes chunks r, r+W, ..., and rank 0 merges. Memory
 stays at one chunk whatever the dataset size.
 
+View ``full`` (an MLLM's every visual token: anyres base + tiles, InternVL tiles + thumbnail, Qwen
+native resolution) gives each image its own number of tokens. Such an entry is *ragged*:
+``tokens.L<layer>.npy`` holds the (total_tokens, D) tokens of every row one after the other, with
+``token_offsets.npy`` (N+1,); ``layouts.jsonl`` one TokenLayout per row (``layout_offsets.npy``,
+byte offsets); ``visual_tokens.npy`` / ``lm_tokens.npy`` the counts per row; masks stay at each
+image's original size (``mask_pixels.npy`` flat + ``mask_shapes.npy`` (N, 2)). Pooled features pool
+each image's whole sequence, exactly as ``encoder.pool(encoder.encode(image), how)``. The key and
+meta.json carry the view (and meta.json ``tokens_per_image``); base entries are unchanged.
+
 An entry is built under a lock file beside it (``.KEY.lock``, held by rank 0): a second process
 asking for the same entry waits, then reuses it. DataLoader workers ignore SIGINT, so Ctrl-C is
 handled by the main process alone (one line from the CLI, finished chunks kept to resume).
@@ -82,8 +91,78 @@ class FeatureSet:
         return self._array(f"pooled.{_layer_tag(self._layer(layer))}.{how}")
 
     def tokens(self, layer=None) -> np.ndarray:
-        """(N, h*w, D) float16 patch tokens, row-major over ``grid``."""
+        """(N, h*w, D) float16 patch tokens, row-major over ``grid``; view full (``ragged``): the
+        (total_tokens, D) tokens of every row one after the other (see ``token_rows``)."""
         return self._array(f"tokens.{_layer_tag(self._layer(layer))}")
+
+    # -- view "full": a variable number of tokens per image ------------------------------------------
+    @property
+    def view(self) -> str:
+        """The encoder view the entry was extracted with: "base" or "full"."""
+        return self.meta.get("view", "base")
+
+    @property
+    def ragged(self) -> bool:
+        """True for view full: tokens, layouts and masks differ in size from row to row."""
+        return self.view == "full"
+
+    @cached_property
+    def token_offsets(self) -> np.ndarray:
+        """(N+1,) int64: row i's tokens are ``tokens()[token_offsets[i]:token_offsets[i+1]]``."""
+        if not self.ragged:
+            n, per = len(self), self.grid[0] * self.grid[1]
+            return np.arange(n + 1, dtype=np.int64) * per
+        return self._array("token_offsets")
+
+    def token_rows(self, i: int, layer=None) -> np.ndarray:
+        """(N_i, D) float16 patch tokens of row ``i``, in the order of ``layout(i)``."""
+        if not self.ragged:
+            return self.tokens(layer)[i]
+        a, b = self.token_offsets[i], self.token_offsets[i + 1]
+        return self.tokens(layer)[a:b]
+
+    def token_counts(self) -> dict[str, np.ndarray]:
+        """{"visual": (N,), "lm": (N,)} int64 tokens per row: the patch tokens, and what the MLLM's LM
+        reads (patch tokens + image_newline tokens). Base view: the grid for every row."""
+        if not self.ragged:
+            visual = np.full(len(self), self.grid[0] * self.grid[1], dtype=np.int64)
+            return {"visual": visual, "lm": visual}
+        return {"visual": np.asarray(self._array("visual_tokens")), "lm": np.asarray(self._array("lm_tokens"))}
+
+    @cached_property
+    def _layout_offsets(self) -> np.ndarray:
+        return self._array("layout_offsets")
+
+    @cached_property
+    def _layout_bytes(self):
+        file = self.path / "layouts.jsonl"
+        if not file.is_file():
+            raise DataError(f"{self.path}: no token layouts (extracted with view {self.view!r}; layouts are kept "
+                            "for view full)")
+        return np.memmap(file, dtype=np.uint8, mode="r") if file.stat().st_size else np.zeros(0, np.uint8)
+
+    def layout(self, i: int):
+        """The :class:`~encoder_probe.encoders.views.TokenLayout` of row ``i`` (view full): where each
+        of its tokens sits on the original image."""
+        from .encoders.views import TokenLayout
+        data = self._layout_bytes  # first: its error says why a base entry has none
+        a, b = self._layout_offsets[i], self._layout_offsets[i + 1]
+        return TokenLayout.from_dict(json.loads(bytes(data[a:b])))
+
+    def mask(self, i: int) -> np.ndarray:
+        """(H_i, W_i) uint8 train ids of row ``i`` (255 = ignore): view full keeps every mask at its
+        image's original resolution; base view: ``masks[i]`` at the encoder's input resolution."""
+        if not self.ragged:
+            return self.masks[i]
+        shapes, starts = self._mask_index
+        h, w = shapes[i]
+        return self._array("mask_pixels")[starts[i]:starts[i] + h * w].reshape(h, w)
+
+    @cached_property
+    def _mask_index(self):
+        shapes = np.asarray(self._array("mask_shapes"))
+        starts = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
+        return shapes, starts
 
     def prefix(self, layer=None) -> np.ndarray:
         """(N, P, D) float16 CLS/register tokens (P may be 0)."""
@@ -100,7 +179,11 @@ class FeatureSet:
 
     @property
     def masks(self) -> np.ndarray:
-        """(N, H, W) uint8 train ids at the encoder's input resolution, 255 = ignore."""
+        """(N, H, W) uint8 train ids at the encoder's input resolution, 255 = ignore (base view;
+        view full keeps masks at each image's own size: ``mask(i)``)."""
+        if self.ragged:
+            raise DataError(f"{self.path}: view full keeps masks at each image's original size; read them "
+                            "one by one with mask(i)")
         return self._array("masks")
 
     @property
@@ -108,8 +191,9 @@ class FeatureSet:
         return self.meta["key_sha256"]
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.meta["grid"])
+    def grid(self) -> tuple[int, int] | None:
+        """The base view's token grid (None for view full: grids differ from view to view)."""
+        return tuple(self.meta["grid"]) if self.meta.get("grid") is not None else None
 
     @property
     def class_names(self) -> list[str]:
@@ -123,13 +207,15 @@ class FeatureSet:
         return self.meta["n"]
 
     def __repr__(self) -> str:
-        return f"FeatureSet({str(self.path)!r}, n={len(self)}, layers={self.layers}, pool={self.meta['key']['pool']})"
+        view = ", view='full'" if self.ragged else ""
+        return (f"FeatureSet({str(self.path)!r}, n={len(self)}, layers={self.layers}, "
+                f"pool={self.meta['key']['pool']}{view})")
 
 
 # -- keys ---------------------------------------------------------------------------------------
 def cache_key(encoder, dataset: ImageDataset, *, layers, pool, tokens: bool, memo_dir: Path | None) -> dict:
     """Every part that decides the bytes of an entry (hashed into its name, kept in meta.json)."""
-    return {
+    key = {
         "format": FORMAT_VERSION,
         "encoder": encoder.fingerprint,
         "data": {"name": dataset.name, "split": dataset.split, "options": dataset.options,
@@ -140,6 +226,11 @@ def cache_key(encoder, dataset: ImageDataset, *, layers, pool, tokens: bool, mem
         "tokens": bool(tokens),
         "dtype": str(encoder.dtype).removeprefix("torch."),
     }
+    if getattr(encoder, "view", "base") != "base":  # base keys (and so base entries) stay what they were
+        key["view"] = encoder.view
+        if dataset.has_masks:
+            key["transform"]["masks"] = "original"  # masks kept at the original image size
+    return key
 
 
 def _sha(data) -> str:
@@ -178,9 +269,14 @@ def _collate(items):
              "index": torch.tensor([x["index"] for x in good], dtype=torch.int64),
              "label": torch.tensor([x["label"] for x in good], dtype=torch.int64)}
     if good:
-        batch["pixels"] = torch.stack([x["pixels"] for x in good])
-        if "mask" in good[0]:
-            batch["mask"] = torch.stack([x["mask"] for x in good])
+        if isinstance(good[0]["pixels"], torch.Tensor):
+            batch["pixels"] = torch.stack([x["pixels"] for x in good])
+            if "mask" in good[0]:
+                batch["mask"] = torch.stack([x["mask"] for x in good])
+        else:  # view full: ProcessedImage items (tiles, native sizes) and masks at each image's own size
+            batch["pixels"] = [x["pixels"] for x in good]
+            if "mask" in good[0]:
+                batch["mask"] = [x["mask"] for x in good]
     return batch
 
 
@@ -223,6 +319,8 @@ class _Extraction:
         return out, owner
 
     def forward(self, batch) -> dict[str, np.ndarray]:
+        if isinstance(batch.get("pixels"), list):
+            return self.forward_full(batch)
         arrays = {"index": batch["index"].numpy(), "labels": batch["label"].numpy()}
         if "mask" in batch:
             arrays["masks"] = batch["mask"].numpy()
@@ -239,6 +337,34 @@ class _Extraction:
                 if self.tokens:
                     arrays[f"tokens.{tag}"] = tokens.patches.to(torch.float16).cpu().numpy()
                     arrays[f"prefix.{tag}"] = tokens.prefix.to(torch.float16).cpu().numpy()
+        return arrays
+
+    def forward_full(self, batch) -> dict[str, np.ndarray]:
+        """View full: every image's own token sequence (the encoder sends all tiles of the batch through
+        the tower at once), pooled over the whole sequence; tokens, layouts and masks stored ragged."""
+        arrays = {"index": batch["index"].numpy(), "labels": batch["label"].numpy()}
+        masks = [np.asarray(m, dtype=np.uint8) for m in batch.get("mask", [])]
+        if masks:
+            arrays["mask_pixels"] = np.concatenate([m.reshape(-1) for m in masks])
+            arrays["mask_shapes"] = np.array([m.shape for m in masks], dtype=np.int64).reshape(-1, 2)
+        with torch.inference_mode():
+            per_image = self.encoder.forward_tokens(batch["pixels"], self.layers)
+        layouts = [image[0].layout for image in per_image]
+        lines = [(json.dumps(layout.to_dict(), separators=(",", ":")) + "\n").encode() for layout in layouts]
+        arrays["visual_tokens"] = np.array([layout.num_tokens for layout in layouts], dtype=np.int64)
+        arrays["lm_tokens"] = np.array([layout.lm_tokens for layout in layouts], dtype=np.int64)
+        arrays["layouts"] = np.frombuffer(b"".join(lines), dtype=np.uint8)
+        arrays["layout_bytes"] = np.array([len(line) for line in lines], dtype=np.int64)
+        with torch.inference_mode():
+            for k, layer in enumerate(self.layers):
+                tag = _layer_tag(layer)
+                per_layer = [image[k] for image in per_image]
+                for how in self.pool:
+                    arrays[f"pooled.{tag}.{how}"] = torch.cat(
+                        [self.encoder.pool(t, how) for t in per_layer]).float().cpu().numpy()
+                if self.tokens:
+                    arrays[f"tokens.{tag}"] = torch.cat([t.patches[0] for t in per_layer]).to(torch.float16).cpu().numpy()
+                    arrays[f"prefix.{tag}"] = torch.cat([t.prefix for t in per_layer]).to(torch.float16).cpu().numpy()
         return arrays
 
     def check_bad(self, bad: list[BadSample], skipped: list):
@@ -296,6 +422,8 @@ def _merge(partial: Path, entry: Path, n_chunks: int, meta: dict) -> None:
                 kinds[name] = dtypes[f.get_slice(name).get_dtype()]
     with atomic_dir(entry) as tmp:
         for name, chunk_shapes in sorted(shapes.items()):
+            if name in _RAGGED_INDEX:  # view full: written below as offsets / a JSON-lines file
+                continue
             shape = (sum(s[0] for s in chunk_shapes), *chunk_shapes[0][1:])
             with open(tmp / f"{name}.npy", "wb") as out:  # plain writes: the page cache, not our RSS, holds it
                 np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(kinds[name])),
@@ -306,8 +434,46 @@ def _merge(partial: Path, entry: Path, n_chunks: int, meta: dict) -> None:
                             out.write(np.ascontiguousarray(f.get_tensor(name)).tobytes())
         meta = {**meta, "n": int(sum(s[0] for s in shapes["index"])), "grid": grid,
                 "skipped": sorted(skipped, key=lambda s: s["index"])}
+        if meta["key"].get("view", "base") != "base":
+            meta["view"] = meta["key"]["view"]
+            meta["tokens_per_image"] = _merge_ragged(files, tmp, tokens=any(k.startswith("tokens.") for k in shapes))
         atomic_write_json(tmp / "meta.json", meta)
     shutil.rmtree(partial, ignore_errors=True)
+
+
+_RAGGED_INDEX = ("layouts", "layout_bytes")
+
+
+def _merge_ragged(files: list[Path], tmp: Path, tokens: bool) -> dict:
+    """View full: ``layouts.jsonl`` (one TokenLayout per row) with ``layout_offsets.npy`` (N+1,) byte
+    offsets into it, ``token_offsets.npy`` (N+1,) when tokens were kept; returns the token counts."""
+    from safetensors import safe_open
+    counts = {"visual": [], "lm": []}
+    sizes = []
+    with open(tmp / "layouts.jsonl", "wb") as out:
+        for file in files:
+            with safe_open(file, framework="np") as f:
+                if "layouts" not in f.keys():  # a chunk of unreadable images only
+                    continue
+                out.write(f.get_tensor("layouts").tobytes())
+                sizes.append(f.get_tensor("layout_bytes"))
+                counts["visual"].append(f.get_tensor("visual_tokens"))
+                counts["lm"].append(f.get_tensor("lm_tokens"))
+    sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+    np.save(tmp / "layout_offsets.npy", np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    visual = np.concatenate(counts["visual"]) if counts["visual"] else np.zeros(0, np.int64)
+    if tokens:
+        np.save(tmp / "token_offsets.npy", np.concatenate([[0], np.cumsum(visual)]).astype(np.int64))
+    lm = np.concatenate(counts["lm"]) if counts["lm"] else np.zeros(0, np.int64)
+    return {kind: token_summary(values) for kind, values in (("visual", visual), ("lm", lm))}
+
+
+def token_summary(values) -> dict | None:
+    """{"min", "mean", "max"} of per-image token counts (None for no images)."""
+    values = np.asarray(values)
+    if not len(values):
+        return None
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 2), "max": int(values.max())}
 
 
 def default_workers() -> int:
@@ -323,6 +489,8 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
 
     layers: None (the encoder's default layer), one layer, or a list (one forward pass for all).
     pool: any of cls | mean | cls+mean | head. tokens: also keep patch/prefix tokens (float16).
+    An encoder loaded with ``view="full"`` gives a ragged entry (``FeatureSet.ragged``; see the module
+    docstring): ``token_rows(i)``, ``layout(i)``, ``mask(i)`` per row.
     out: the cache directory (default ``cache_root()/features``).
     on_bad_image: "fail" (default; the error names the file) or "skip" (skipped files are counted
     in ``meta["skipped"]``). A mask that does not fit its image or has unknown labels always fails.
@@ -361,16 +529,24 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
     sha = _sha(key)
     entry = out / sha[:20]
     if world == 1 and (entry / "meta.json").is_file():  # finished entries are never rewritten: no lock to read
-        return _finished(entry, sha)  # (one that cannot take a lock, e.g. a read-only shared cache, still reads)
+        return _noted(encoder, _finished(entry, sha))  # (one that cannot take a lock, e.g. a read-only cache, reads)
     lock = _lock_entry(out, entry, progress) if rank == 0 else None
     try:
         _barrier(world)  # the other ranks look at the entry once rank 0 holds its lock
-        return _extract_entry(encoder, dataset, key, sha, out, entry, rank=rank, world=world,
-                              batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
-                              on_bad_image=on_bad_image, progress=progress)
+        return _noted(encoder, _extract_entry(encoder, dataset, key, sha, out, entry, rank=rank, world=world,
+                                              batch_size=batch_size, chunk_size=chunk_size,
+                                              num_workers=num_workers, on_bad_image=on_bad_image,
+                                              progress=progress))
     finally:
         if lock is not None:
             lock.release()
+
+
+def _noted(encoder, features: FeatureSet) -> FeatureSet:
+    """Tell a running suite which entries its encoder's probes read (for the token counts in results.json)."""
+    from .runner import note_features_read
+    note_features_read(encoder.fingerprint, features)
+    return features
 
 
 def _finished(entry: Path, sha: str) -> FeatureSet:
@@ -404,7 +580,7 @@ def _extract_entry(encoder, dataset, key: dict, sha: str, out: Path, entry: Path
 
     n = len(dataset)
     if chunk_size is None:
-        chunk_size = 256 if key["tokens"] else 1024
+        chunk_size = (256 if key["tokens"] else 1024) if "view" not in key else (32 if key["tokens"] else 256)
     chunk_size = max(batch_size, math.ceil(chunk_size / batch_size) * batch_size)
     plan = {"key_sha256": sha, "n": n, "batch_size": batch_size, "chunk_size": chunk_size}
     plan_file = partial / "plan.json"

@@ -5,7 +5,9 @@ The record follows the versioned schema in ``encoder_probe.report.schema``: what
 so a report can tell whether two results are comparable without rerunning anything.
 
 Everything a suite could refuse (out and cache directories, device, dtype, probe names, every
-encoder spec) is checked before the first encoder is loaded. The ``data`` block describes the
+encoder spec and the view each must give) is checked before the first encoder is loaded. The
+encoder block records the view (``base`` or ``full``) and the tokens per image (visual and LM
+tokens, min/mean/max over the images the probes read). The ``data`` block describes the
 datasets the probes actually opened (``probe.pick_dataset`` reports them via
 :func:`note_dataset_read`).
 """
@@ -41,6 +43,64 @@ def note_dataset_read(name: str, root) -> tuple[str, object]:
     if read is not None:
         read.setdefault(name, root)
     return name, root
+
+
+# (encoder fingerprint -> {data key: FeatureSet}) of the entries the running suite's probes read
+_FEATURES_READ: ContextVar[dict | None] = ContextVar("encoder_probe_features_read", default=None)
+
+
+def note_features_read(fingerprint: str, features) -> None:
+    """Record that a probe of the running suite read ``features`` of the encoder ``fingerprint``
+    (``features.extract`` calls it); a no-op outside :func:`run_suite`."""
+    read = _FEATURES_READ.get()
+    if read is not None:
+        data = json.dumps(features.meta["key"]["data"], sort_keys=True)  # the same images once, whatever the layers
+        read.setdefault(fingerprint, {}).setdefault(data, features)
+
+
+def check_view(spec: str | None, view) -> str:
+    """A --view value that ``spec`` can give, before anything is loaded: base, or full for the sources
+    that have a full view (MLLM checkpoints); the checkpoint itself is checked when it is loaded."""
+    import inspect
+
+    from .encoders.base import VIEWS
+    from .encoders.registry import parse_spec
+    view = "base" if view is None else view
+    if view not in VIEWS:
+        raise SpecError(f"--view: unknown view {view!r}; choose {' or '.join(VIEWS)}")
+    if view != "base" and spec is not None:
+        source = parse_spec(spec)[0]
+        if "view" not in inspect.signature(source.load).parameters:
+            raise SpecError(f"--view {view}: {spec}: source {source.name!r} reads one view of an image; view "
+                            "'full' is for MLLM checkpoints with multi-view input (LLaVA-OneVision, LLaVA-NeXT, "
+                            "Qwen2/2.5-VL, InternVL)")
+    return view
+
+
+def tokens_per_image(encoder, features_read: dict | None = None) -> dict:
+    """{"visual": {min, mean, max}, "lm": {...}, "images": n}: the tokens per image of the images the
+    probes read (visual = patch tokens, lm = what the MLLM's LM reads, image_newline tokens included);
+    when no probe read cached features, those of one example photo."""
+    import numpy as np
+
+    from .features import token_summary
+    counts = {"visual": [], "lm": []}
+    for features in (features_read or {}).values():
+        for kind, values in features.token_counts().items():
+            counts[kind].append(np.asarray(values))
+    if counts["visual"] and sum(len(v) for v in counts["visual"]):
+        out = {kind: token_summary(np.concatenate(values)) for kind, values in counts.items()}
+        return {**out, "images": int(sum(len(v) for v in counts["visual"]))}
+    import torch
+
+    from .assets import photo
+    try:
+        with torch.inference_mode():
+            layout = encoder.encode(photo("astronaut")).layout
+    except Exception:  # a count is a note beside the results, never a reason to lose them
+        return None
+    return {"visual": token_summary([layout.num_tokens]), "lm": token_summary([layout.lm_tokens]), "images": 1,
+            "example": "astronaut"}
 
 
 def environment(encoder) -> dict:
@@ -134,18 +194,21 @@ def run_suite(encoders: str | list[str], suite, out: str | Path, *, device=None,
         record = {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(),
                   "encoder": {"spec": spec, "source": encoder.source, "fingerprint": encoder.fingerprint,
                               "layer": encoder.layer, "pooling": shared.get("pool") or "mean",
-                              "n_params": encoder.n_params},
+                              "n_params": encoder.n_params, "view": encoder.view},
                   "data": {},
                   "options": {k: v for k, v in shared.items() if v is not None},
                   "env": environment(encoder), "probes": {}}
         context = {"out": out, "cache": cache, "progress": progress}
         read: dict = {}
-        token = _DATASETS_READ.set(read)
+        features_read: dict = {}
+        token, features_token = _DATASETS_READ.set(read), _FEATURES_READ.set(features_read)
         try:
             for name in names:
                 record["probes"][name] = _run_probe(name, encoder, data, shared, context)
         finally:
             _DATASETS_READ.reset(token)
+            _FEATURES_READ.reset(features_token)
+        record["encoder"]["tokens_per_image"] = tokens_per_image(encoder, features_read.get(encoder.fingerprint))
         # after the probes, so that a probe's own message about unusable data is the one shown; only what
         # they opened (a probe that does not report its data through pick_dataset: the --data given, if any)
         record["data"] = describe_data(read or data or {}, cache, shared.get("per_class"))
@@ -172,6 +235,8 @@ def _check_inputs(encoders: list, out, cache, *, device, dtype, seeds, options, 
     parse_dtype(dtype)
     if load_options.get("image_size") is not None:
         parse_image_size(load_options["image_size"])
+    for spec in encoders:
+        check_view(spec, load_options.get("view"))
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise SpecError(f"seeds must be an integer >= 1, got {seeds!r}")
     references = (options or {}).get("reference") or []

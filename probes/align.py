@@ -41,6 +41,7 @@ class AlignConfig:
     max_images: int | None = 5000  # a seeded subset above this (the Gram matrices are n x n)
     batch_size: int = 64
     device: str | None = None
+    reference_view: str | None = None  # None: the test encoder's view where a reference has it, else base
 
     @classmethod
     def from_options(cls, options: dict | None) -> "AlignConfig":
@@ -51,6 +52,8 @@ class AlignConfig:
             config.layers = [config.layers]
         if not config.reference:
             raise SpecError("align probe: needs a reference encoder (--reference SPEC, repeatable)")
+        if config.reference_view not in (None, "base", "full"):
+            raise SpecError(f"align probe: reference_view must be base or full, got {config.reference_view!r}")
         if config.k < 1 or config.repeats < 2 or config.seeds < 1 or (config.max_images or 4) < 4:
             raise SpecError(f"align probe: need k >= 1, repeats >= 2, seeds >= 1 and max_images >= 4, got "
                             f"k={config.k}, repeats={config.repeats}, seeds={config.seeds}, "
@@ -71,11 +74,25 @@ def _dataset(data: dict | None, config: AlignConfig):
     return dataset
 
 
-def _load_reference(spec: str, encoder):
-    """A reference on the test encoder's device and dtype, so both sides are computed alike."""
+def _load_reference(spec: str, encoder, view: str | None = None):
+    """A reference on the test encoder's device and dtype, so both sides are computed alike; in the
+    ``view`` asked for, else the test encoder's view where the reference's source has it, else base."""
     from encoder_probe.encoders import load_encoder
+    from encoder_probe.runner import check_view
+    wanted = view or getattr(encoder, "view", "base")
+    if view is None and wanted != "base":
+        try:
+            check_view(spec, wanted)
+        except EncoderProbeError:
+            wanted = "base"  # a plain encoder (timm, open_clip) as reference: its only view
     try:
-        return load_encoder(spec, device=encoder.device, dtype=encoder.dtype)
+        try:
+            return load_encoder(spec, device=encoder.device, dtype=encoder.dtype,
+                                **({"view": wanted} if wanted != "base" else {}))
+        except SpecError:
+            if view is not None or wanted == "base":
+                raise
+            return load_encoder(spec, device=encoder.device, dtype=encoder.dtype)  # no full view: base
     except EncoderProbeError as e:
         raise type(e)(f"align reference {spec!r}: {e}") from None
 
@@ -153,7 +170,7 @@ class AlignProbe:
         context = context or {}
         config = AlignConfig.from_options(options)
         _dataset(data, config)  # bad data fails before any reference is loaded or anything extracted
-        references = [_load_reference(spec, encoder) for spec in config.reference]
+        references = [_load_reference(spec, encoder, config.reference_view) for spec in config.reference]
         device = config.device or encoder.device  # where the n x n work runs
         names = ["reference"] if len(references) == 1 else [f"ref{i}" for i in range(len(references))]
         layers = config.layers or [None]
@@ -201,9 +218,14 @@ class AlignProbe:
                  f"{encoder.spec}: alignment per layer" + (" and weight drift" if drift else ""))
             artifacts["plot"] = f"{self.name}/align.png"
         used = {**asdict(config), "layers": curves[names[0]]["layers"]}
+        if used["reference_view"] is None:  # the default: base configs keep their hash
+            del used["reference_view"]
+        if getattr(encoder, "view", "base") != "base":
+            used["view"] = encoder.view
         return {"metrics": metrics, "null": nulls_table, "curves": curves, "drift": drift,
+                "view": getattr(encoder, "view", "base"),
                 "references": {name: {"spec": ref.spec, "fingerprint": ref.fingerprint, "layer": ref.layer,
-                                      "same_architecture": same}
+                                      "same_architecture": same, "view": getattr(ref, "view", "base")}
                                for name, ref, same in zip(names, references, shared)},
                 "data": {"images": int(len(keep)), "split": config.split, "root": test_set.meta["data"]["root"]},
                 "config": used, "config_hash": config_hash(used), "artifacts": artifacts,

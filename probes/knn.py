@@ -69,14 +69,22 @@ class KNNProbe:
         x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {})
         scores = knn_accuracy(x, y, xv, yv, ks=config.ks, temperature=config.temperature,
                               n_classes=train.meta["data"]["num_classes"], chunk=config.chunk, device=config.device)
-        used = {**asdict(config), "layers": train.layers}
+        used = {**asdict(config), "layers": train.layers, **_view(encoder)}
         n_classes = train.meta["data"]["num_classes"]
         metrics = {f"top{t}@k={k}": summarize([s[f"top{t}"]]) for k, s in scores.items() for t in (1, 5)
                    if n_classes > t}
         undefined = {f"top{t}@k={k}": f"top-{t} of {n_classes} classes is 1.0 by construction"
                      for k in scores for t in (1, 5) if n_classes <= t}
-        result = {"metrics": metrics, "data": {"train": len(y), "val": len(yv), "classes": n_classes},
+        result = {"metrics": metrics, "view": getattr(encoder, "view", "base"),
+                  "data": {"train": len(y), "val": len(yv), "classes": n_classes},
                   "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3)}
         if undefined:
             result["undefined_metrics"] = undefined
         return result
+
+
+def _view(encoder) -> dict:
+    """The encoder view in the probe config when it is not the default (base configs keep their hash);
+    view full pools over the whole token sequence of each image (base view and tiles alike)."""
+    view = getattr(encoder, "view", "base")
+    return {} if view == "base" else {"view": view}

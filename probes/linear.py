@@ -176,7 +176,7 @@ def convergence_warnings(runs: list[dict]) -> list[str]:
     return out
 
 
-def save_head(path, head: dict, *, pool: str, layer, root: str, class_names: list[str]) -> None:
+def save_head(path, head: dict, *, pool: str, layer, root: str, class_names: list[str], view: str = "base") -> None:
     """The refit head (seed 0) as safetensors, with its feature standardisation folded in beside it, so
     the gradcam probe can explain the very classifier this probe scored."""
     import json
@@ -186,6 +186,8 @@ def save_head(path, head: dict, *, pool: str, layer, root: str, class_names: lis
     from encoder_probe.cache import atomic_write_bytes
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}
     meta = {"pool": pool, "layer": json.dumps(layer), "root": root, "class_names": json.dumps(class_names)}
+    if view != "base":  # pooled over every view's tokens of each image
+        meta["view"] = view
     atomic_write_bytes(path, save(arrays, metadata=meta))
 
 
@@ -201,12 +203,13 @@ class LinearProbe:
         resolved = train.layers
         runs = [run_protocol(x, y, xv, yv, config, seed, train.meta["data"]["num_classes"])
                 for seed in range(config.seeds)]
-        used = {**asdict(config), "layers": resolved}
+        used = {**asdict(config), "layers": resolved, **_view(encoder)}
         result = {
             "metrics": {m: summarize([r[m] for r in runs]) for m in ("top1", "top5", "mean_per_class_recall")
                         if m in runs[0]},
             "chosen_C": [r["C"] for r in runs], "sweep": [r["sweep"] for r in runs],
             "convergence": [r["convergence"] for r in runs], "warnings": convergence_warnings(runs),
+            "view": getattr(encoder, "view", "base"),
             "data": {"train": len(y), "val": len(yv), "classes": train.meta["data"]["num_classes"],
                      "root": train.meta["data"]["root"]},
             "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
@@ -217,6 +220,14 @@ class LinearProbe:
         out = artifact_dir(encoder, context, self.name)
         if out is not None and len(resolved) == 1 and "mean" in runs[0]["head"]:  # a linear map of pooled tokens
             save_head(out / "head.safetensors", runs[0]["head"], pool=config.pool, layer=resolved[0],
-                      root=train.meta["data"]["root"], class_names=train.class_names)
+                      root=train.meta["data"]["root"], class_names=train.class_names,
+                      view=getattr(encoder, "view", "base"))
             result["artifacts"] = {"head": f"{out.name}/head.safetensors"}
         return result
+
+
+def _view(encoder) -> dict:
+    """The encoder view in the probe config when it is not the default (base configs keep their hash);
+    view full pools over the whole token sequence of each image (base view and tiles alike)."""
+    view = getattr(encoder, "view", "base")
+    return {} if view == "base" else {"view": view}

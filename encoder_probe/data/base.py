@@ -62,9 +62,18 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.class_names)
 
     def with_transform(self, preprocess) -> "ImageDataset":
-        from .transforms import SegmentationTransform
+        """Bind the encoder's preprocessing: a ``Preprocess`` (view base: a tensor per image, masks
+        resized with it) or the checkpoint's own processor (view full: ``ProcessedImage`` items,
+        masks kept at the original image size)."""
+        from ..encoders.base import Preprocess
+        from .transforms import FullViewSegmentationTransform, SegmentationTransform
         self.preprocess = preprocess
-        self._transform = SegmentationTransform(preprocess) if self.has_masks else preprocess.transform
+        if not self.has_masks:
+            self._transform = preprocess.transform
+        elif isinstance(preprocess, Preprocess):
+            self._transform = SegmentationTransform(preprocess)
+        else:
+            self._transform = FullViewSegmentationTransform(preprocess)
         return self
 
     def __len__(self) -> int:

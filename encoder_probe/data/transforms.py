@@ -4,6 +4,11 @@ Convention: the mask goes through exactly the geometry the encoder's own preproc
 to the image (``exact`` resize to the input size, or short-side resize + centre crop), with
 nearest-neighbour interpolation so labels stay labels. The image side is bit-identical to
 ``Preprocess.transform``: a dense probe sees the same pixels a classification probe does.
+
+View ``full`` (the checkpoint's own processor: tiles, native resolution) has no one input size to
+resize a mask to; every token knows its box on the original image instead, so the mask stays at
+the original resolution (:class:`FullViewSegmentationTransform`) and probes paint token values
+onto it (``TokenLayout.paint``).
 """
 from __future__ import annotations
 
@@ -34,3 +39,17 @@ class SegmentationTransform:
             raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")
         from torchvision import tv_tensors
         return self.image(image), self.mask(tv_tensors.Mask(torch.from_numpy(mask)[None]))[0].as_subclass(torch.Tensor)
+
+
+class FullViewSegmentationTransform:
+    """(PIL image, (H, W) uint8 mask) -> (ProcessedImage, (H, W) uint8 tensor): the image through the
+    checkpoint's processor (view full), the mask unchanged at the image's original size."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+        self.image = preprocess.transform
+
+    def __call__(self, image, mask: np.ndarray):
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")
+        return self.image(image), torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ class ProcessorPreprocess:
 
     @property
     def transform(self) -> "ProcessorTransform":
-        return ProcessorTransform(self.processor, self.settings)
+        return _transform(self.processor, self.settings)
 
     def build(self):
         return self.transform.processor
@@ -77,6 +77,12 @@ class ProcessorPreprocess:
         else:
             how = f"size {size}"
         return f"{self.processor}: {how}, mean ({mean}) std ({std})"
+
+
+@lru_cache(maxsize=8)
+def _transform(processor: str, settings: str) -> "ProcessorTransform":
+    """One transform (and so one built processor) per processor and settings in a process."""
+    return ProcessorTransform(processor, settings)
 
 
 def _plain(value):

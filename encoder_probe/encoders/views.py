@@ -67,11 +67,16 @@ class View:
         return torch.stack([cols[c, 0], rows[r, 0], cols[c, 1], rows[r, 1]], dim=1)
 
     def to_dict(self) -> dict:
+        """Plain data: a grid and a box when the view is uniform (the usual case), else every span."""
+        if View.uniform(self.name, self.grid, self.box, self.newline) == self:
+            return {"name": self.name, "grid": list(self.grid), "box": list(self.box), "newline": self.newline}
         return {"name": self.name, "rows": [list(s) for s in self.rows], "cols": [list(s) for s in self.cols],
                 "newline": self.newline}
 
     @classmethod
     def from_dict(cls, d: dict) -> "View":
+        if "box" in d:
+            return cls.uniform(d["name"], tuple(d["grid"]), tuple(d["box"]), bool(d.get("newline", False)))
         return cls(d["name"], tuple(tuple(s) for s in d["rows"]), tuple(tuple(s) for s in d["cols"]),
                    bool(d.get("newline", False)))
 

@@ -40,7 +40,11 @@ def _runs_rows(result) -> list[list[str]]:
         content = ", ".join(f"{name} {(d or {}).get('content_hash', '')[:12]}" for name, d in data.items()
                             if isinstance(d, dict))
         env = record.get("env") or {}
-        rows.append([label, enc["spec"], enc.get("source", ""), str(enc.get("layer", "")), str(enc.get("pooling", "")),
+        pooling = str(enc.get("pooling", ""))
+        if enc.get("view", "base") != "base":  # full: pooled over every token the LM reads
+            lm = ((enc.get("tokens_per_image") or {}).get("lm") or {}).get("mean")
+            pooling += f" (view {enc['view']}" + (f", {lm:g} LM tokens/image)" if lm is not None else ")")
+        rows.append([label, enc["spec"], enc.get("source", ""), str(enc.get("layer", "")), pooling,
                      f"{enc['n_params']:,}" if isinstance(enc.get("n_params"), int) else "",
                      enc["fingerprint"][:16], content, f"{env.get('device', '')} {env.get('dtype', '')}".strip(),
                      record.get("created", "")])

@@ -7,7 +7,11 @@ Version 2 (written by the runner)::
 
     schema_version  2
     created         ISO time (UTC)
-    encoder         {spec, source, fingerprint, layer, pooling, n_params}
+    encoder         {spec, source, fingerprint, layer, pooling, n_params, view?, tokens_per_image?}
+                    view: "base" | "full" (absent in older files: base);
+                    tokens_per_image: {visual: {min, mean, max}, lm: {min, mean, max}, images: n} over the
+                    images the probes read (lm: what the MLLM's LM reads, image_newline tokens included),
+                    or null when they could not be counted
     data            {dataset name: {root, splits: {split: size}, content_hash}}
     options         the suite's shared probe options (seeds, per_class, solver, pool, ...)
     probes          {name: {status: "ok", metrics: {metric: {value, values, ci95?, higher_is_better}},
@@ -37,6 +41,7 @@ from ..errors import DataError
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "failed")
+VIEWS = ("base", "full")
 
 
 def _number(x) -> bool:
@@ -93,6 +98,24 @@ def check_probe(name: str, probe) -> None:
         raise ValueError(f"{where}.undefined_metrics: must map metric -> why it is left out")
 
 
+def _check_token_counts(counts) -> None:
+    where = "encoder.tokens_per_image"
+    if counts is None:
+        return
+    if not isinstance(counts, dict):
+        raise ValueError(f"{where}: must be an object with visual and lm, or null")
+    for kind in ("visual", "lm"):
+        summary = counts.get(kind)
+        if summary is None:
+            continue
+        if not (isinstance(summary, dict) and all(_number(summary.get(k)) for k in ("min", "mean", "max"))):
+            raise ValueError(f"{where}.{kind}: must be {{min, mean, max}} numbers")
+        if not summary["min"] <= summary["mean"] <= summary["max"] or summary["min"] < 0:
+            raise ValueError(f"{where}.{kind}: needs 0 <= min <= mean <= max, got {summary!r}")
+    if counts.get("images") is not None and not (_number(counts["images"]) and counts["images"] >= 0):
+        raise ValueError(f"{where}.images: must be a count of images")
+
+
 def check_record(record) -> None:
     """Raise ValueError naming the first field that breaks the schema."""
     if not isinstance(record, dict):
@@ -107,6 +130,9 @@ def check_record(record) -> None:
     for key in ("spec", "fingerprint"):
         if not isinstance(encoder.get(key), str) or not encoder[key]:
             raise ValueError(f"encoder.{key}: must be a non-empty string")
+    if "view" in encoder and encoder["view"] not in VIEWS:
+        raise ValueError(f"encoder.view: must be one of {', '.join(VIEWS)}, got {encoder['view']!r}")
+    _check_token_counts(encoder.get("tokens_per_image"))
     probes = record.get("probes")
     if not isinstance(probes, dict):
         raise ValueError("probes: missing (an object of probe results)")

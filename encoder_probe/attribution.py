@@ -18,13 +18,22 @@ on the projector output), the backward stops at the layer instead of running thr
 
 Maps come back raw, (B, h, w) float32: their magnitude is part of the result (PIVOT compares
 gradient norms across checkpoints); normalise only for pictures (:func:`minmax`).
+
+View ``full`` (several views per image, a variable number of tokens): :func:`sequence_gradients`
+takes activations and gradients per token over each image's (N, D) sequence and every method has
+a ``from_sequence(act, grad, layout) -> (N,)``: gradient norm and gradient x activation per token,
+Grad-CAM *per view* (channel weights = the mean gradient over the tokens of each view). The token
+maps stay raw; ``layout.paint`` (bilinear) puts them on the original image for pictures and scores.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+from .encoders.base import Tokens
+from .encoders.views import TokenLayout
 
 
 class TokenLayer(nn.Module):
@@ -81,6 +90,11 @@ class TokenAttribution:
     def from_gradients(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def from_sequence(act: torch.Tensor, grad: torch.Tensor, layout) -> torch.Tensor:
+        """View full: (N, D) activations and gradients of one image -> (N,) raw per-token map."""
+        raise NotImplementedError
+
 
 class GradCAM(TokenAttribution):
     """ReLU(sum_c alpha_c A_c), alpha_c = spatial mean of dS/dA_c (Selvaraju et al.), on the token grid."""
@@ -92,6 +106,20 @@ class GradCAM(TokenAttribution):
         weights = grad.mean(dim=(2, 3), keepdim=True)
         return torch.relu((weights * act).sum(1))
 
+    @staticmethod
+    def from_sequence(act, grad, layout):
+        """Grad-CAM per view: alpha_{v,c} = mean of dS/dA_c over the tokens of view v, then
+        ReLU(sum_c alpha_{v(t),c} A_{t,c}) for every token t. Each view is its own token grid (the
+        base view, the stitched anyres tiles, every InternVL tile, the thumbnail), as Selvaraju et
+        al.'s spatial mean runs over one feature map; for a one-view layout this is exactly the
+        (h, w) Grad-CAM above. (One mean over all tokens would let the view with the most tokens
+        set every view's channel weights.)"""
+        ids = layout.view_ids().to(act.device)
+        counts = torch.bincount(ids, minlength=len(layout.views)).clamp(min=1).to(grad.dtype)
+        weights = torch.zeros(len(layout.views), grad.shape[1], dtype=grad.dtype, device=grad.device)
+        weights = weights.index_add_(0, ids, grad) / counts[:, None]
+        return torch.relu((weights[ids] * act).sum(1))
+
 
 class GradientNorm(TokenAttribution):
     """PIVOT's map: the per-token L1 norm over channels of dS/d(tokens)."""
@@ -100,6 +128,10 @@ class GradientNorm(TokenAttribution):
 
     @staticmethod
     def from_gradients(act, grad):
+        return grad.abs().sum(1)
+
+    @staticmethod
+    def from_sequence(act, grad, layout):
         return grad.abs().sum(1)
 
 
@@ -111,6 +143,10 @@ class GradientXActivation(TokenAttribution):
 
     @staticmethod
     def from_gradients(act, grad):
+        return (act * grad).sum(1)
+
+    @staticmethod
+    def from_sequence(act, grad, layout):
         return (act * grad).sum(1)
 
 
@@ -128,3 +164,54 @@ def minmax(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     flat = maps.flatten(1)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
     return ((flat - lo) / (hi - lo + eps)).reshape(maps.shape)
+
+
+# -- view "full": per-token attribution over a ragged sequence ------------------------------------
+# Tokens of several views (LLaVA-OneVision/NeXT base + anyres tiles, InternVL tiles + thumbnail,
+# Qwen's native grid) have no single (h, w) map: every image is one Tokens of (1, N_i, D) with a
+# TokenLayout. Activations and gradients are taken over that (N_i, D) sequence, every method
+# gives one value per token, and ``TokenLayout.paint`` puts the token map back on the photo.
+
+@dataclass
+class SequenceGradients:
+    """One image's activations and score gradients at the target's tokens: (N, D) float32 each."""
+
+    act: torch.Tensor
+    grad: torch.Tensor
+    layout: TokenLayout
+
+    def paint(self, values: torch.Tensor, size=None, mode: str = "bilinear") -> torch.Tensor:
+        """A per-token map (N,) -> (H, W) on the original image (or ``size``) through the token boxes."""
+        return self.layout.paint(values, size, mode=mode)
+
+
+def sequence_gradients(target, images, rows=None) -> list[SequenceGradients]:
+    """Per-image (activations, gradients) over the token sequence of a multi-view encoder.
+
+    ``images``: what the target's ``tokens`` takes for view full (a list of
+    ``encoder.transform(image)``); ``target.tokens(images)`` gives one Tokens per image (batch 1,
+    with a layout) and ``target.score(tokens_i, rows[i:i+1])`` that image's score. One backward
+    of the summed scores; images are independent, so each gradient is its own image's.
+    """
+    layer = TokenLayer()
+    with torch.enable_grad():
+        per_image = target.tokens(images)
+        per_image = [per_image] if isinstance(per_image, Tokens) else list(per_image)
+        if any(t.layout is None or t.patches.shape[0] != 1 for t in per_image):
+            raise ValueError("sequence_gradients needs one Tokens (batch 1, with a layout) per image")
+        xs = [layer(t.patches) for t in per_image]
+        total = sum(target.score(replace(t, patches=x), None if rows is None else rows[i:i + 1]).sum()
+                    for i, (t, x) in enumerate(zip(per_image, xs)))
+        grads = torch.autograd.grad(total, xs, allow_unused=True)
+    if all(g is None for g in grads):
+        raise RuntimeError("the target's score does not depend on the attributed tokens")
+    return [SequenceGradients(x.detach()[0].float(), (torch.zeros_like(x) if g is None else g)[0].detach().float(),
+                              t.layout) for t, x, g in zip(per_image, xs, grads)]
+
+
+def attribute_sequence(target, images, rows=None, methods=tuple(METHODS)) -> tuple[dict, list]:
+    """Every method's per-token maps (a list of (N_i,) per method) and the images' layouts, from
+    one shared forward/backward (view full)."""
+    per_image = sequence_gradients(target, images, rows)
+    maps = {name: [METHODS[name].from_sequence(g.act, g.grad, g.layout) for g in per_image] for name in methods}
+    return maps, [g.layout for g in per_image]

@@ -65,15 +65,20 @@ def compare_overlays(npz_files: dict[str, str | Path], path: str | Path, *, meth
 
     The encoders must have mapped the same images (same data, same order); the rows are the
     images each npz keeps for pictures (the probe's ``overlay_rows``), shown from the first file.
+    A view-full npz contributes its ``painted/<method>`` rows (maps painted on the photo); mixing
+    views needs images of one size, so compare full with full.
     """
     from .errors import DataError
     loaded = {name: np.load(file) for name, file in npz_files.items()}
     first = next(iter(loaded.values()))
+
+    def shown(data):  # view full keeps ragged token maps; its overlay rows are painted on the photo
+        return f"painted/{method}" if f"painted/{method}" in data else f"map/{method}"
     for name, data in loaded.items():
         if f"map/{method}" not in data:
             raise DataError(f"{npz_files[name]}: has no maps of method {method!r}")
         if not np.array_equal(data["index"], first["index"]):
             raise DataError(f"{npz_files[name]}: maps of different images than {next(iter(npz_files.values()))}")
     k = slice(0, len(first["images"]) if rows is None else min(rows, len(first["images"])))
-    return overlay_grid(first["images"][k], {name: d[f"map/{method}"][k] for name, d in loaded.items()}, path,
+    return overlay_grid(first["images"][k], {name: d[shown(d)][k] for name, d in loaded.items()}, path,
                         masks=first["inside"][k] if "inside" in first else None)

@@ -10,6 +10,11 @@ Patch level (the patch-seg "union" protocol the PIVOT paper reports): every patc
 grid is labelled with the *set* of classes covering any of its valid pixels; a multi-label head
 predicts that set from the patch token alone; macro recall = the mean over classes present in the
 truth of (patches where the class is predicted and present) / (patches where it is present).
+
+View ``full`` (several views, tokens with boxes on the original image; masks at the original
+resolution): logits are painted onto the mask through the token boxes
+(:func:`paint_logits`, ``TokenLayout.paint``), and a token's patch label is the set of classes of
+the valid pixels whose centres fall in its box (:func:`layout_union_targets`).
 """
 from __future__ import annotations
 
@@ -103,3 +108,115 @@ def patch_scores(counts: torch.Tensor) -> dict:
     f1 = torch.where(recall + precision > 0, 2 * recall * precision / (recall + precision).clamp(min=1e-12), 0.0)
     return {"patch_macro_recall": float(recall.mean()), "patch_macro_precision": float(precision.mean()),
             "patch_macro_f1": float(f1.mean())}
+
+
+# -- view "full": tokens with boxes on the original image ---------------------------------------
+def _span_index(centres: torch.Tensor, spans) -> torch.Tensor:
+    """(n,) long: the span [lo, hi) holding each coordinate, -1 where none does (a tile seam, outside)."""
+    lo = torch.tensor([s[0] for s in spans], dtype=torch.float64, device=centres.device)
+    hi = torch.tensor([s[1] for s in spans], dtype=torch.float64, device=centres.device)
+    k = torch.searchsorted(hi, centres, right=True).clamp(max=len(spans) - 1)  # first span ending after x
+    inside = (centres >= lo[k]) & (centres < hi[k])
+    return torch.where(inside, k, torch.full_like(k, -1))
+
+
+def token_pixels(layout, size: tuple[int, int] | None = None, device=None) -> list[torch.Tensor]:
+    """Per view, (H, W) long: the layout token (index into the whole sequence) whose box holds
+    each pixel's centre, -1 for none. ``size`` (default the original image) is the mask's (H, W);
+    its pixel centres are mapped onto the original image."""
+    H, W = size or layout.image_size
+    ys = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) * layout.image_size[0] / H
+    xs = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) * layout.image_size[1] / W
+    out = []
+    for view, offset in zip(layout.views, layout.offsets()):
+        r, c = _span_index(ys, view.rows), _span_index(xs, view.cols)
+        token = offset + r[:, None] * view.grid[1] + c[None, :]
+        out.append(torch.where((r >= 0)[:, None] & (c >= 0)[None, :], token, torch.full_like(token, -1)))
+    return out
+
+
+def layout_union_targets(mask: torch.Tensor, layout, num_classes: int,
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(N, C) bool for one image of view full: which classes cover any valid pixel whose centre lies
+    in each token's box (the patch-seg "union" label of :func:`patch_union_targets`, by box).
+
+    Every view counts separately (a base token and the tile tokens over the same pixels each get
+    those pixels' classes); tokens over padding or a seam only get the pixels inside their box."""
+    n = layout.num_tokens
+    labels = mask.long()
+    labels = torch.where(labels == ignore_index, num_classes, labels)
+    out = torch.zeros(n * (num_classes + 1), dtype=torch.uint8, device=mask.device)
+    for token in token_pixels(layout, tuple(mask.shape), mask.device):
+        hit = token >= 0
+        out.scatter_(0, token[hit] * (num_classes + 1) + labels[hit], 1)
+    return out.view(n, num_classes + 1)[:, :num_classes].bool()
+
+
+def covered(layout, size: tuple[int, int] | None = None, device=None) -> torch.Tensor:
+    """(H, W) bool: pixels whose centre lies in some view's box (what ``TokenLayout.paint`` paints)."""
+    H, W = size or layout.image_size
+    ys = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) * layout.image_size[0] / H
+    xs = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) * layout.image_size[1] / W
+    out = torch.zeros(H, W, dtype=torch.bool, device=device)
+    for view in layout.views:
+        x0, y0, x1, y1 = view.box
+        out |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    return out
+
+
+def _axis_matrix(centres: torch.Tensor, spans) -> torch.Tensor:
+    """(n_pixels, n_tokens) grid_sample bilinear weights along one axis (align_corners=False, border)."""
+    from .encoders.views import _fractional_index
+    n = len(spans)
+    ix = (_fractional_index(centres, spans) - 0.5).clamp(0, n - 1)
+    low = ix.floor().long().clamp(max=n - 1)
+    w = ix - low
+    out = torch.zeros(len(centres), n, dtype=torch.float64, device=centres.device)
+    out[torch.arange(len(centres)), low] += 1 - w
+    out[torch.arange(len(centres)), (low + 1).clamp(max=n - 1)] += w
+    return out
+
+
+def paint_operators(layout, size: tuple[int, int] | None = None, device=None, dtype=torch.float32) -> list:
+    """``TokenLayout.paint(values, size)`` (bilinear) as separable matrices, one triple per view:
+    (A_y (H, h), A_x (W, w), weight (H, W)) with painted = sum_v weight_v * (A_y Z_v A_x^T).
+
+    Bilinear sampling over a view's spans is separable, so painting a view is two GEMMs, as
+    :func:`upsample_bilinear` is for the base grid; ``weight`` is the view's box indicator over the
+    number of views covering the pixel. Forward and backward cost a fraction of ``grid_sample``'s
+    on CPU (the seg head's training loss paints every image of every step)."""
+    H, W = size or layout.image_size
+    ys = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) * layout.image_size[0] / H
+    xs = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) * layout.image_size[1] / W
+    insides = []
+    for view in layout.views:
+        x0, y0, x1, y1 = view.box
+        insides.append(((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :])
+    cover = torch.stack(insides).sum(0).clamp(min=1)
+    return [(_axis_matrix(ys, v.rows).to(dtype), _axis_matrix(xs, v.cols).to(dtype), (inside / cover).to(dtype))
+            for v, inside in zip(layout.views, insides)]
+
+
+def paint_logits(logits: torch.Tensor, layout, size: tuple[int, int] | None = None,
+                 operators: list | None = None) -> torch.Tensor:
+    """(N, C) per-token logits -> (C, H, W) on the image (default its original size) through the
+    token boxes: bilinear within each view, views averaged where they overlap (``TokenLayout.paint``,
+    or its :func:`paint_operators`).
+
+    The thin strips no view covers (the patch conv drops the last 6 of 384 px of every view; an
+    unpadded edge) take the nearest covered pixel's logits, as the base view's upsampled grid
+    stretches over its dropped remainder, so every pixel gets a prediction."""
+    if operators is None:
+        painted = layout.paint(logits, size, mode="bilinear")
+    else:  # the same painting as two GEMMs per view (paint_operators(layout, size))
+        painted = 0
+        for view, span, (ay, ax, weight) in zip(layout.views, layout.offsets(), operators):
+            z = logits[span:span + view.size].float().T.reshape(-1, *view.grid)
+            painted = painted + weight * (ay @ z @ ax.T)
+    cover = covered(layout, tuple(painted.shape[-2:]), painted.device)
+    if cover.all() or not cover.any():
+        return painted
+    rows, cols = cover.any(1).nonzero()[:, 0], cover.any(0).nonzero()[:, 0]
+    ys = torch.arange(cover.shape[0], device=cover.device).clamp(int(rows.min()), int(rows.max()))
+    xs = torch.arange(cover.shape[1], device=cover.device).clamp(int(cols.min()), int(cols.max()))
+    return torch.where(cover, painted, painted[:, ys[:, None], xs[None, :]])

@@ -4,6 +4,10 @@ Each target names the tokens it attributes (``tokens(pixels) -> Tokens``) and a 
 of them (``score(tokens, rows) -> (B,)``; ``rows`` selects the class / text / record of every
 image). Targets whose score reads only those tokens compute them without an autograd graph, so
 the backward pass of a map costs the head (or the LM), not the tower.
+
+View ``full`` (MLLM encoders with several views): ``pixels`` is a list of
+``encoder.transform(image)``, ``tokens`` returns one Tokens per image (batch 1, with a layout) and
+``score`` is called per image on its Tokens (:func:`encoder_probe.attribution.sequence_gradients`).
 """
 from __future__ import annotations
 
@@ -38,7 +42,11 @@ class HeadTarget:
         with torch.no_grad():
             return self.encoder.forward_tokens(pixels, self.layer)
 
-    def logits(self, tokens: Tokens) -> torch.Tensor:
+    def logits(self, tokens: Tokens | list[Tokens]) -> torch.Tensor:
+        """(B, classes); view full: a list with one Tokens per image, each pooled over its whole
+        token sequence (every view), as the cached ``pooled`` features the head was fitted on."""
+        if isinstance(tokens, (list, tuple)):
+            return torch.cat([self.logits(t) for t in tokens])
         z = self.encoder.pool(tokens, self.pool).float()
         return ((z - self.mean) / self.std) @ self.weight.T + self.bias
 

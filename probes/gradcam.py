@@ -15,6 +15,16 @@ Methods: gradcam, gradient-norm (PIVOT), grad-x-act, all from one batched forwar
 (:mod:`encoder_probe.attribution`). Localisation (pointing game, energy in mask) against the
 object masks of the segmentation data (the demo scenes by default; ``--data real-masks``).
 Writes ``maps.npz`` (raw maps, per-image magnitudes, classes, scores) and ``overlay.png``.
+
+View ``full`` (MLLM encoders reading several views; targets head and text): maps are per token
+over each image's whole sequence (:func:`encoder_probe.attribution.sequence_gradients`; Grad-CAM
+per view), painted onto the ORIGINAL image through the token boxes (``TokenLayout.paint``,
+bilinear, views averaged where they overlap) and scored against the masks at the original
+resolution; pixels no view covers are not scored. ``maps.npz`` then holds the raw per-token maps
+ragged: ``map/<method>`` flat over all images' tokens, ``map_offsets`` (N+1,) where image i's tokens
+are ``[offsets[i], offsets[i+1])``, ``layouts`` (one JSON TokenLayout per image, to paint them
+again); ``painted/<method>`` holds the overlay rows' maps painted at ``OVERLAY_SIDE`` square, as
+``images`` and ``inside``.
 """
 from __future__ import annotations
 
@@ -28,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoder_probe.attribution import METHODS, token_gradients
+from encoder_probe.attribution import METHODS, sequence_gradients, token_gradients
 from encoder_probe.cache import atomic_write_bytes
 from encoder_probe.errors import DataError, SpecError
 from encoder_probe.localization import chance, object_masks, scores
 from encoder_probe.probe import artifact_dir, config_from, config_hash, pick_dataset, summarize
 
 TARGETS = ("auto", "head", "text", "mllm")
+OVERLAY_SIDE = 256  # view full: overlay rows are photo and painted maps resized to this square
 
 
 @dataclass
@@ -175,6 +186,10 @@ class GradCAMProbe:
         context = context or {}
         config = GradCAMConfig.from_options(options)
         kind = _resolve_target(encoder, config)
+        full = getattr(encoder, "view", "base") == "full"
+        if full and kind == "mllm":
+            raise SpecError(f"{encoder.spec}: target 'mllm' maps a PIVOT model's own base view; "
+                            "view 'full' takes target head or text")
         extra = {}
         if kind == "mllm":
             from encoder_probe.pivot.model import load_mllm
@@ -191,7 +206,8 @@ class GradCAMProbe:
             dataset, items = _vqa_items(mllm.encoder.preprocess, config.limit)
             extra["loss"] = config.loss
         else:
-            dataset, rows = _mask_dataset(data, encoder.preprocess, config.limit)
+            dataset, rows = _mask_dataset(data, encoder.base_preprocess if full else encoder.preprocess,
+                                          config.limit)
             items = list(rows)
             if kind == "head":
                 from encoder_probe.targets import own_classifier
@@ -203,7 +219,8 @@ class GradCAMProbe:
                 target = TextTarget(encoder, [config.prompt.format(n) for n in names])
             else:
                 raise SpecError(f"gradcam: unknown target {kind!r}")
-        result = _map_all(encoder, dataset, items, target, kind, config, context.get("progress", True))
+        result = (_map_all_full if full else _map_all)(encoder, dataset, items, target, kind, config,
+                                                      context.get("progress", True))
         used = {**asdict(config), "target": kind, "layer": encoder.layer}
         out = {
             "metrics": {f"{score}@{m}": summarize([float(np.nanmean(result["scores"][m][score]))])
@@ -212,10 +229,15 @@ class GradCAMProbe:
                          "note": "a uniform map's energy_in_mask, and a random point's pointing-game hit rate"},
             "magnitudes": {m: {"mean_l1": float(result["magnitude"][m][:, 0].mean()),
                                "mean_max": float(result["magnitude"][m][:, 1].mean())} for m in config.methods},
-            "data": {"images": len(items), "root": str(dataset.root), "grid": list(result["grid"])},
+            "data": {"images": len(items), "root": str(dataset.root),
+                     "grid": list(result["grid"]) if result["grid"] is not None else None},
             "target": {"kind": kind, **extra},
             "config": used, "config_hash": config_hash(used),
         }
+        if full:
+            counts = np.diff(result["offsets"])
+            out["data"].update(view="full", tokens_per_image={"min": int(counts.min()), "mean": float(counts.mean()),
+                                                              "max": int(counts.max())})
         folder = artifact_dir(encoder, context, self.name)
         if folder is not None:
             out["artifacts"] = _write_artifacts(folder, result, dataset, encoder, config)
@@ -275,6 +297,79 @@ def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
             "inside": torch.cat(keep["inside"]).numpy()}
 
 
+def _full_item(dataset, index: int, encoder):
+    """View full: (original photo, ``encoder.transform(photo)``, (H, W) train-id mask at the original size)."""
+    sample = dataset.samples[index]
+    try:
+        image = dataset.read_image(sample)
+        labels = dataset.map_labels(dataset.read_mask(sample))
+    except Exception as e:  # the readers' own errors, an out-of-range label
+        raise DataError(f"{sample.path}: {' '.join(str(e).split())[:200]}") from None
+    if labels.shape != (image.height, image.width):
+        raise DataError(f"{sample.mask}: mask is {labels.shape[1]}x{labels.shape[0]} but its image is "
+                        f"{image.width}x{image.height}")
+    return image, encoder.transform(image), torch.from_numpy(np.ascontiguousarray(labels))
+
+
+def _map_all_full(encoder, dataset, items, target, kind, config, progress) -> dict:
+    """View full: per-token maps of every image, painted on the photo and scored at its mask's size."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from encoder_probe.encoders.registry import short_spec
+    maps = {m: [] for m in config.methods}
+    per = {m: {"pointing_game": [], "energy_in_mask": []} for m in config.methods}
+    keep = {"classes": [], "chance": [], "images": [], "inside": [], "labels": [], "layouts": [],
+            "painted": {m: [] for m in config.methods}}
+    side = OVERLAY_SIDE
+    batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
+    bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps (view full)", unit="batch",
+               disable=not progress, file=sys.stderr)
+    for batch in bar:
+        photos, processed, masks = zip(*(_full_item(dataset, i, encoder) for i in batch))
+        processed = list(processed)
+        mask_class = torch.tensor([_dominant(m) for m in masks])
+        rows, classes = _rows(target, kind, batch, dataset, mask_class, processed)
+        grads = sequence_gradients(target, processed, rows)
+        if not any(g.grad.any() for g in grads):
+            raise SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} no "
+                            "gradient (the score reads only prefix tokens, e.g. a CLS-pooled embedding); "
+                            "pick another layer, pool or target")
+        for j, (g, photo, mask) in enumerate(zip(grads, photos, masks)):
+            size = tuple(mask.shape)
+            inside, valid = object_masks(mask[None], classes[j:j + 1])
+            covered = g.layout.paint(torch.ones(g.layout.num_tokens), size, mode="nearest") > 0
+            valid = valid & covered[None]  # pixels no view reads cannot be pointed at
+            show = len(keep["images"]) < config.overlay_rows
+            for m in config.methods:
+                token_map = METHODS[m].from_sequence(g.act, g.grad, g.layout).cpu()
+                maps[m].append(token_map)
+                painted = g.layout.paint(token_map, size)
+                for name, v in scores(painted[None], inside, valid, config.tolerance).items():
+                    per[m][name].append(v)
+                if show:
+                    keep["painted"][m].append(g.layout.paint(token_map, (side, side)))
+            keep["chance"].append(chance(inside, valid))
+            keep["layouts"].append(json.dumps(g.layout.to_dict()))
+            if show:
+                keep["images"].append(np.asarray(photo.convert("RGB").resize((side, side), Image.BILINEAR)))
+                ys = ((torch.arange(side) + 0.5) * size[0] / side).long()
+                xs = ((torch.arange(side) + 0.5) * size[1] / side).long()
+                keep["inside"].append(inside[0][ys[:, None], xs[None, :]])
+                keep["labels"] += _labels(target, kind, rows[j:j + 1])
+        keep["classes"].append(classes)
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in maps[config.methods[0]]])]).astype(np.int64)
+    return {"maps": {m: torch.cat(v).numpy() for m, v in maps.items()}, "offsets": offsets, "grid": None,
+            "layouts": np.array(keep["layouts"]), "index": np.array(list(items)),
+            "classes": torch.cat(keep["classes"]).numpy(), "chance": torch.cat(keep["chance"]).numpy(),
+            "scores": {m: {k: torch.cat(v).numpy() for k, v in s.items()} for m, s in per.items()},
+            "magnitude": {m: np.array([[float(v.abs().sum()), float(v.abs().max())] for v in vs], np.float32)
+                          for m, vs in maps.items()},
+            "images": np.stack(keep["images"]), "labels": keep["labels"],
+            "inside": torch.stack(keep["inside"]).numpy(),
+            "painted": {m: torch.stack(v).numpy() for m, v in keep["painted"].items()}}
+
+
 def _rows(target, kind, batch, dataset, mask_class, pixels):
     """What each image's score selects, and the mask class it is scored against (-1: any object)."""
     if kind == "mllm":
@@ -299,6 +394,8 @@ def _labels(target, kind, rows) -> list[str]:
 
 def _write_artifacts(folder: Path, result: dict, dataset, encoder, config) -> dict:
     from encoder_probe.overlay import denormalize, overlay_grid
+    if "offsets" in result:
+        return _write_full_artifacts(folder, result, dataset, config)
     images = denormalize(result["images"], encoder.preprocess.mean, encoder.preprocess.std)
     arrays = {"index": result["index"], "classes": result["classes"], "chance": result["chance"],
               "images": (images * 255).round().astype(np.uint8), "inside": result["inside"],
@@ -316,3 +413,23 @@ def _write_artifacts(folder: Path, result: dict, dataset, encoder, config) -> di
                  masks=result["inside"], row_labels=result["labels"])
     rel = folder.name
     return {"maps": f"{rel}/maps.npz", "overlay": f"{rel}/overlay.png"}
+
+
+def _write_full_artifacts(folder: Path, result: dict, dataset, config) -> dict:
+    """View full: ragged raw token maps (flat + offsets + layouts), overlay rows painted at OVERLAY_SIDE."""
+    from encoder_probe.overlay import overlay_grid
+    arrays = {"index": result["index"], "classes": result["classes"], "chance": result["chance"],
+              "images": result["images"], "inside": result["inside"], "class_names": np.array(dataset.class_names),
+              "view": np.array("full"), "map_offsets": result["offsets"], "layouts": result["layouts"]}
+    for m in config.methods:
+        arrays[f"map/{m}"] = result["maps"][m].astype(np.float32)  # flat raw per-token maps of every image
+        arrays[f"painted/{m}"] = result["painted"][m]  # the overlay rows', on the photo at OVERLAY_SIDE square
+        arrays[f"magnitude/{m}"] = result["magnitude"][m]  # (N, 2): L1 sum, max of the raw token map
+        for name, v in result["scores"][m].items():
+            arrays[f"{name}/{m}"] = v
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(folder / "maps.npz", buffer.getvalue())
+    overlay_grid(result["images"].astype(np.float32) / 255, {m: result["painted"][m] for m in config.methods},
+                 folder / "overlay.png", masks=result["inside"], row_labels=result["labels"])
+    return {"maps": f"{folder.name}/maps.npz", "overlay": f"{folder.name}/overlay.png"}

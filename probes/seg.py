@@ -11,6 +11,15 @@ Protocol: the learning rate is chosen on a seeded held-out 10% of the *train* im
 the other 90%); the winner is refit on all of train and scored once on val. A multi-label patch
 head (BCE on the classes present in each patch) gives the patch-seg "union" macro recall the
 PIVOT paper reports; see ``encoder_probe.segmentation`` for exactly what each metric counts.
+
+View ``full`` (MLLM encoders reading several views: anyres base + tiles, InternVL tiles +
+thumbnail, Qwen's native grid): the cache holds every image's ragged token sequence, its
+``TokenLayout`` and its mask at the ORIGINAL resolution (:class:`RaggedTokens`). The same head runs
+on every token; its logits are painted onto the image through the token boxes (``TokenLayout.paint``,
+bilinear within a view, views averaged where they overlap) and CE is taken on pixels: during
+training on the mask shrunk (nearest) to at most ``FULL_TRAIN_SIDE`` px on its long side, for the
+scores at the original resolution, confusion summed over the split as for base. A token's patch-seg
+label is the set of classes of the pixels whose centres fall in its box.
 """
 from __future__ import annotations
 
@@ -28,10 +37,12 @@ from tqdm.auto import tqdm
 from encoder_probe.errors import DataError, SpecError
 from encoder_probe.probe import (artifact_dir, config_from, config_hash, last_layers, pick_dataset,
                                  summarize)
-from encoder_probe.segmentation import (IGNORE_INDEX, confusion_matrix, patch_counts, patch_scores,
-                                        patch_union_targets, pixel_scores, upsample_bilinear)
+from encoder_probe.segmentation import (IGNORE_INDEX, confusion_matrix, layout_union_targets, paint_logits,
+                                        paint_operators, patch_counts, patch_scores, patch_union_targets,
+                                        pixel_scores, upsample_bilinear)
 
 HEADS = ("linear", "mlp")
+FULL_TRAIN_SIDE = 512  # view full: long side of the label map the pixel CE trains on (scores: original size)
 
 
 @dataclass
@@ -121,10 +132,127 @@ class CachedTokens:
         x = torch.cat([torch.from_numpy(np.ascontiguousarray(t[rows])) for t in self.tokens], dim=2)
         return x.to(self.device, self.dtype), torch.from_numpy(np.ascontiguousarray(self.masks[rows])).to(self.device).long()
 
+    # what train_heads / evaluate_heads ask of a token source (RaggedTokens answers the same for view full)
+    def pixel_loss(self, logits, masks):
+        return _pixel_loss(logits, masks, self.grid)
+
+    def patch_targets(self, masks, num_classes: int) -> torch.Tensor:
+        return patch_union_targets(masks, self.grid, num_classes)
+
+    def confusion(self, head, x, masks, num_classes: int) -> torch.Tensor:
+        return confusion_matrix(masks, predict(head, x, self.grid, masks.shape[-2:]), num_classes)
+
+    def predictions(self, head, x, masks) -> list[np.ndarray]:
+        return list(predict(head, x, self.grid, masks.shape[-2:]).cpu().numpy())
+
+    def truths(self, masks) -> list[np.ndarray]:
+        return list(masks.cpu().numpy())
+
 
 def _pixel_loss(logits, masks, grid):
     return F.cross_entropy(upsample_bilinear(logit_map(logits, grid), masks.shape[-2:]), masks,
                            ignore_index=IGNORE_INDEX)
+
+
+class RaggedBatch:
+    """The images of one view-full batch: token counts, layouts, masks at the original resolution."""
+
+    def __init__(self, counts: list[int], layouts: list, masks: list[torch.Tensor]):
+        self.counts, self.layouts, self.masks = counts, layouts, masks
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(1, sum N_i, C) head output -> per image (N_i, C)."""
+        return logits[0].split(self.counts)
+
+
+def _shrunk(mask: torch.Tensor, side: int) -> torch.Tensor:
+    """Nearest (pixel-centre) resize of a label map to at most ``side`` px on its long side."""
+    H, W = mask.shape
+    scale = side / max(H, W)
+    if scale >= 1:
+        return mask
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    ys = ((torch.arange(h, device=mask.device) + 0.5) * H / h).long().clamp(max=H - 1)
+    xs = ((torch.arange(w, device=mask.device) + 0.5) * W / w).long().clamp(max=W - 1)
+    return mask[ys[:, None], xs[None, :]]
+
+
+def _paint(logits, layout, size):
+    """(N, C) -> (C, H, W) through the token boxes (``TokenLayout.paint``, as separable GEMMs)."""
+    return paint_logits(logits, layout, size, paint_operators(layout, size, logits.device))
+
+
+class RaggedTokens:
+    """View full: batches of every image's own token sequence from a ragged FeatureSet.
+
+    Reads ``features.token_rows(i, layer)`` (N_i, D), ``features.layout(i)`` (TokenLayout) and
+    ``features.mask(i)`` ((H_i, W_i) train ids at the original resolution, 255 ignore).
+    ``batch(rows)`` -> ((1, sum N_i, D) tokens, :class:`RaggedBatch`): the head is per token, so
+    its BatchNorm sees the batch's tokens as one set, as the base head sees B*h*w tokens.
+    """
+
+    ragged = True
+    grid = None
+
+    def __init__(self, features, layers, device, dtype=torch.float32, train_side: int = FULL_TRAIN_SIDE):
+        self.features, self.layers = features, list(layers)
+        self.device, self.dtype, self.train_side = device, dtype, train_side
+        self._layouts: dict[int, object] = {}
+        first = [np.asarray(features.token_rows(0, layer)) for layer in self.layers] if len(features) else []
+        self.dim = sum(t.shape[1] for t in first)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def layout(self, i: int):
+        if i not in self._layouts:
+            self._layouts[i] = self.features.layout(i)
+        return self._layouts[i]
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, RaggedBatch]:
+        xs, layouts, masks = [], [], []
+        for i in (int(r) for r in np.sort(rows)):
+            xs.append(torch.cat([torch.from_numpy(np.array(self.features.token_rows(i, layer), np.float32))
+                                 for layer in self.layers], dim=1))
+            layouts.append(self.layout(i))
+            masks.append(torch.from_numpy(np.array(self.features.mask(i))).to(self.device).long())
+        x = torch.cat(xs)[None].to(self.device, self.dtype)
+        return x, RaggedBatch([len(t) for t in xs], layouts, masks)
+
+    def pixel_loss(self, logits, batch: RaggedBatch):
+        """Mean CE over the valid pixels of the batch's (shrunk) masks, logits painted through the boxes."""
+        total, count = logits.new_zeros(()), 0
+        for z, layout, mask in zip(batch.split(logits), batch.layouts, batch.masks):
+            mask = _shrunk(mask, self.train_side)
+            painted = _paint(z, layout, tuple(mask.shape))
+            total = total + F.cross_entropy(painted[None], mask[None], ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((mask != IGNORE_INDEX).sum())
+        return total / max(count, 1)
+
+    def patch_targets(self, batch: RaggedBatch, num_classes: int) -> torch.Tensor:
+        """(1, sum N_i, C) bool: each token's class set from the pixels inside its box."""
+        return torch.cat([layout_union_targets(m, layout, num_classes)
+                          for layout, m in zip(batch.layouts, batch.masks)])[None]
+
+    def predictions(self, head, x, batch: RaggedBatch) -> list[np.ndarray]:
+        """Per image, the (H_i, W_i) argmax of the logits painted at the mask's resolution."""
+        return [_paint(z, layout, tuple(m.shape)).argmax(0).cpu().numpy()
+                for z, layout, m in zip(batch.split(head(x)), batch.layouts, batch.masks)]
+
+    def confusion(self, head, x, batch: RaggedBatch, num_classes: int) -> torch.Tensor:
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=x.device)
+        for z, layout, m in zip(batch.split(head(x)), batch.layouts, batch.masks):
+            conf += confusion_matrix(m, _paint(z, layout, tuple(m.shape)).argmax(0), num_classes)
+        return conf
+
+    def truths(self, batch: RaggedBatch) -> list[np.ndarray]:
+        return [m.cpu().numpy() for m in batch.masks]
+
+
+def token_source(features, layers, device):
+    """The head's token source for a FeatureSet: grid batches (view base) or ragged sequences (full)."""
+    return RaggedTokens(features, layers, device) if getattr(features, "ragged", False) else \
+        CachedTokens(features, layers, device)
 
 
 def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_classes: int, seed: int,
@@ -152,11 +280,11 @@ def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_clas
             order = rng.permutation(rows)
             for start in range(0, len(order), config.head_batch):
                 x, masks = source.batch(order[start:start + config.head_batch])
-                targets = patch_union_targets(masks, source.grid, num_classes).to(x.dtype)
+                targets = source.patch_targets(masks, num_classes).to(x.dtype)
                 for i, (head, opt, sched) in enumerate(bank):
                     logits = head(x)
                     if i % 2 == 0:
-                        loss = _pixel_loss(logits, masks, source.grid)
+                        loss = source.pixel_loss(logits, masks)
                     else:
                         loss = F.binary_cross_entropy_with_logits(logits, targets)
                     opt.zero_grad(set_to_none=True)
@@ -175,9 +303,9 @@ def evaluate_heads(source, rows: np.ndarray, pairs, num_classes: int, batch: int
     counts = [torch.zeros(3, num_classes, dtype=torch.long, device=source.device) for _ in pairs]
     for start in range(0, len(rows), batch):
         x, masks = source.batch(rows[start:start + batch])
-        truth = patch_union_targets(masks, source.grid, num_classes)
+        truth = source.patch_targets(masks, num_classes)
         for i, (pixel, patch) in enumerate(pairs):
-            conf[i] += confusion_matrix(masks, predict(pixel, x, source.grid, masks.shape[-2:]), num_classes)
+            conf[i] += source.confusion(pixel, x, masks, num_classes)
             counts[i] += patch_counts(truth, patch(x) > 0)
     return [{**pixel_scores(c), **patch_scores(n)} for c, n in zip(conf, counts)]
 
@@ -249,6 +377,27 @@ def prediction_grid(dataset, indices, truth, predictions, num_classes: int, path
     save_png(fig, path, dpi=80)
 
 
+def full_prediction_grid(dataset, indices, truth, predictions, num_classes: int, path) -> None:
+    """View full: the same grid on the original photos (image, ground truth, painted prediction)."""
+    from matplotlib.figure import Figure
+
+    from encoder_probe.cache import save_png
+    colours = palette(num_classes)
+    fig = Figure(figsize=(7.5, 2.5 * len(indices)))
+    axes = fig.subplots(len(indices), 3, squeeze=False)
+    for row, (index, gt, pred) in enumerate(zip(indices, truth, predictions)):
+        image = np.asarray(dataset.read_image(dataset.samples[int(index)]))
+        gt = np.where(gt == IGNORE_INDEX, num_classes, gt)
+        for ax, picture, title in zip(axes[row], (image, colours[gt], colours[pred]),
+                                      ("image", "ground truth", "prediction (all views)")):
+            ax.imshow(picture)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title)
+    fig.tight_layout()
+    save_png(fig, path, dpi=80)
+
+
 # -- the probe ---------------------------------------------------------------------------------
 def segmentation_features(encoder, data, config: SegConfig, context: dict, layers):
     """(train FeatureSet, val FeatureSet, val dataset) with tokens and masks; default: the demo ADE20K."""
@@ -273,7 +422,8 @@ class SegProbe:
                                                              last_layers(encoder, config.last_layers))
         num_classes = train_set.meta["data"]["num_classes"]
         device = torch.device(config.device or "cpu")
-        train, val = (CachedTokens(f, f.layers, device) for f in (train_set, val_set))
+        ragged = bool(getattr(train_set, "ragged", False))
+        train, val = (token_source(f, f.layers, device) for f in (train_set, val_set))
         from encoder_probe.encoders.registry import short_spec
         runs = [run_protocol(train, val, config, num_classes, seed, label=short_spec(encoder.spec),
                              progress=context.get("progress", True)) for seed in range(config.seeds)]
@@ -282,7 +432,9 @@ class SegProbe:
         ious = np.array([r["iou"] for r in runs], dtype=float)
         seen = np.isfinite(ious).sum(0)  # a class no seed saw (nor predicted) has no IoU, not a warning
         per_class = np.where(seen > 0, np.nansum(ious, axis=0) / np.maximum(seen, 1), np.nan)
-        used = {**asdict(config), "layers": train_set.layers, "grid": list(train_set.grid)}
+        used = {**asdict(config), "layers": train_set.layers, "grid": None if ragged else list(train_set.grid)}
+        if ragged:  # base configs (and their hashes) stay what they were
+            used["view"] = "full"
         result = {
             "metrics": {m: summarize([r[m] for r in runs]) for m in ("mIoU", "pixel_accuracy", "patch_macro_recall")},
             "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, per_class)},
@@ -290,7 +442,8 @@ class SegProbe:
             "chosen_lr": [r["lr"] for r in runs], "chosen_patch_lr": [r["patch_lr"] for r in runs],
             "sweep": [r["sweep"] for r in runs],
             "data": {"train": len(train), "val": len(val), "classes": num_classes,
-                     "root": train_set.meta["data"]["root"], "mask_size": list(val_set.masks.shape[1:])},
+                     "root": train_set.meta["data"]["root"],
+                     "mask_size": "original" if ragged else list(val_set.masks.shape[1:])},
             "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
         }
         out = artifact_dir(encoder, context, self.name)
@@ -305,8 +458,13 @@ class SegProbe:
         rows = np.arange(min(show, len(val)))
         x, masks = val.batch(rows)
         with torch.no_grad():
-            pred = predict(head, x, val.grid, masks.shape[-2:]).cpu().numpy()
-        prediction_grid(val_data, val_set.index[rows], masks.cpu().numpy(), pred, num_classes, out / "predictions.png")
+            pred = val.predictions(head, x, masks)
+        truth = val.truths(masks)
+        if getattr(val, "ragged", False):
+            full_prediction_grid(val_data, val_set.index[rows], truth, pred, num_classes, out / "predictions.png")
+        else:
+            prediction_grid(val_data, val_set.index[rows], np.stack(truth), np.stack(pred), num_classes,
+                            out / "predictions.png")
         table = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in per_class_iou.items())
         atomic_write_bytes(out / "per_class_iou.csv", table.encode())
         return {"grid": f"{out.name}/predictions.png", "table": f"{out.name}/per_class_iou.csv"}

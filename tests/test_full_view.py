@@ -19,11 +19,15 @@ def images():
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def mllm(request, tmp_path_factory):
+def mllm(request, tmp_path_factory, images):
+    """(kind, model, dir, its projected full-view tokens per photo): one encode per photo for all tests."""
     model = published_mllm(request.param).eval()
     out = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(out)
-    return request.param, model, out
+    projected = load_encoder(str(out), view="full", with_projector=True)
+    with torch.no_grad():
+        encoded = {name: projected.encode(image) for name, image in images.items()}
+    return request.param, model, out, projected, encoded
 
 
 def _reference(kind, model, processor, image):
@@ -70,16 +74,15 @@ def _reference(kind, model, processor, image):
 
 
 def test_full_view_equals_the_models_own_image_features(mllm, images):
-    kind, model, path = mllm
+    kind, model, path, projected, encoded = mllm
     tower = load_encoder(str(path), view="full")
-    projected = load_encoder(str(path), view="full", with_projector=True)
     processor = tower.preprocess.build()
     assert tower.details["preprocess_from"].startswith("published")  # no preprocessor_config.json in the dir
     for name, image in images.items():
         projector_input, features, extra = _reference(kind, model, processor, image)
         with torch.no_grad():
             tokens = tower.encode(image)
-            lm = projected.encode(image)
+        lm = encoded[name]
         assert tokens.layout.image_size == (image.height, image.width)
         torch.testing.assert_close(tokens.patches[0], projector_input, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
         torch.testing.assert_close(projected.lm_sequence(lm)[0], features, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
@@ -244,12 +247,9 @@ def _mllm_processor(kind, image_processor):
 
 def test_token_counts_equal_the_placeholders_the_processor_inserts(mllm, images):
     """What the model's own processor writes into the LM's input_ids for each photo = our lm_tokens."""
-    kind, _, path = mllm
-    enc = load_encoder(str(path), view="full", with_projector=True)
+    kind, _, _, enc, encoded = mllm
     processor, prompt, placeholder = _mllm_processor(kind, enc.preprocess.build())
     token_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
     for name, image in images.items():
         ids = processor(images=image, text=prompt, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            layout = enc.encode(image).layout
-        assert int((ids == token_id).sum()) == layout.lm_tokens, f"{kind} {name}"
+        assert int((ids == token_id).sum()) == encoded[name].layout.lm_tokens, f"{kind} {name}"

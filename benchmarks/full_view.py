@@ -5,7 +5,7 @@ must cost what its token count says and no more: seconds per token within 10% of
 
 Both views run through the same end-to-end ``extract()`` (decode, the preprocessing, DataLoader
 workers, forward, pooling, chunk writes) on the same real photographs (scikit-image / scikit-learn,
-nine aspect ratios), same tower and batch, one after the other in one process, each the best of
+five aspect ratios), same tower and batch, one after the other in one process, each the best of
 ``--rounds`` cold extractions after a warm-up forward. Tokens are counted
 two ways: what the tower computes (tiles x 729; the peer figure for cost) and what the LM reads
 (base + unpadded tiles, the layout's visual tokens).

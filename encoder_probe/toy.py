@@ -67,33 +67,40 @@ def write_pivot(out: str | Path, *, tower: str = "local/tiny-siglip", vision: di
     return out
 
 
-def hf_mllm(kind: str, *, seed: int = 0):
-    """A tiny random transformers MLLM: llava_onevision | internvl | qwen2_vl | qwen2_5_vl."""
+# (vision config, extra MLLM config) of the friendly-size toys
+_TOY_MLLMS = {
+    "llava_onevision": (SIGLIP, dict(vision_feature_layer=-2, image_grid_pinpoints=[[32, 32]])),
+    "internvl": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=[32, 32], patch_size=[4, 4]), {}),
+    "qwen2_vl": (dict(depth=3, embed_dim=64, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2), {}),
+    "qwen2_5_vl": (dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=4,
+                        spatial_merge_size=2, window_size=16, fullatt_block_indexes=[2]), {}),
+}
+_MLLM_CLASSES = {"llava_onevision": "LlavaOnevision", "llava_next": "LlavaNext", "internvl": "InternVL",
+                 "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
+ANYRES_MAX_9 = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # LLaVA-OneVision's pinpoints
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _build_mllm(kind: str, vision: dict, text: dict, seed: int, **config):
+    """``<Family>ForConditionalGeneration(<Family>Config(...))`` with seeded random weights."""
     import transformers as T
     _quiet()
     torch.manual_seed(seed)
-    rope = dict(rope_type="default", mrope_section=[2, 2, 4])
-    qwen_text = {k: v for k, v in TEXT.items() if k != "model_type"} | dict(rope_parameters=rope)
-    if kind == "llava_onevision":
-        cfg = T.LlavaOnevisionConfig(vision_config=SIGLIP, text_config=TEXT, vision_feature_layer=-2,
-                                     image_grid_pinpoints=[[32, 32]])
-        return T.LlavaOnevisionForConditionalGeneration(cfg)
-    if kind == "internvl":
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      image_size=[32, 32], patch_size=[4, 4])
-        return T.InternVLForConditionalGeneration(T.InternVLConfig(vision_config=vision, text_config=TEXT))
-    if kind == "qwen2_vl":
-        vision = dict(depth=3, embed_dim=64, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2)
-        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(vision_config=vision, text_config=qwen_text))
-    if kind == "qwen2_5_vl":
-        vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=4,
-                      spatial_merge_size=2, window_size=16, fullatt_block_indexes=[2])
-        return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=qwen_text))
-    raise ValueError(f"unknown toy MLLM {kind!r}")
+    if kind.startswith("qwen"):
+        text = {k: v for k, v in text.items() if k != "model_type"} | dict(
+            rope_parameters=dict(rope_type="default", mrope_section=[2, 2, 4]))
+    family = _MLLM_CLASSES[kind]
+    return getattr(T, f"{family}ForConditionalGeneration")(
+        getattr(T, f"{family}Config")(vision_config=vision, text_config=text, **config))
 
 
-ANYRES_MAX_9 = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # LLaVA-OneVision's pinpoints
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+def hf_mllm(kind: str, *, seed: int = 0):
+    """A tiny random transformers MLLM: llava_onevision | internvl | qwen2_vl | qwen2_5_vl."""
+    if kind not in _TOY_MLLMS:
+        raise ValueError(f"unknown toy MLLM {kind!r}")
+    vision, config = _TOY_MLLMS[kind]
+    return _build_mllm(kind, vision, TEXT, seed, **config)
 
 
 def published_mllm(kind: str, *, seed: int = 0, pinpoints: list | None = None):
@@ -104,35 +111,25 @@ def published_mllm(kind: str, *, seed: int = 0, pinpoints: list | None = None):
     default. qwen2_vl / qwen2_5_vl: 14 px patches, 2x2 merge (2.5: 112 px windows). internvl:
     InternViT 448 px tiles, patch 14, pixel shuffle 0.5 (256 tokens a tile).
     """
-    import transformers as T
-    _quiet()
-    torch.manual_seed(seed)
-    text = dict(TEXT, num_hidden_layers=1)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    if kind == "llava_onevision":
-        vision = dict(small, model_type="siglip_vision_model", image_size=384, patch_size=14)
-        return T.LlavaOnevisionForConditionalGeneration(T.LlavaOnevisionConfig(
-            vision_config=vision, text_config=text, vision_feature_layer=-1, vision_feature_select_strategy="full",
-            image_grid_pinpoints=pinpoints or ANYRES_MAX_9, vision_aspect_ratio="anyres_max_9"))
-    if kind == "llava_next":
-        vision = dict(small, model_type="clip_vision_model", image_size=336, patch_size=14, projection_dim=32)
-        return T.LlavaNextForConditionalGeneration(T.LlavaNextConfig(
-            vision_config=vision, text_config=text, vision_feature_layer=-2,
-            vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints or LLAVA_NEXT_PINPOINTS))
-    if kind == "internvl":
-        vision = dict(small, image_size=[448, 448], patch_size=[14, 14], attention_bias=True, layer_scale_init_value=0.1)
-        return T.InternVLForConditionalGeneration(T.InternVLConfig(vision_config=vision, text_config=text,
-                                                                   downsample_ratio=0.5))
-    rope = dict(rope_type="default", mrope_section=[2, 2, 4])
-    qwen_text = {k: v for k, v in text.items() if k != "model_type"} | dict(rope_parameters=rope)
-    if kind == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2)
-        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(vision_config=vision, text_config=qwen_text))
-    if kind == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1])
-        return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=qwen_text))
-    raise ValueError(f"unknown MLLM {kind!r}")
+    published = {
+        "llava_onevision": (dict(small, model_type="siglip_vision_model", image_size=384, patch_size=14), dict(
+            vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+            image_grid_pinpoints=pinpoints or ANYRES_MAX_9)),
+        "llava_next": (dict(small, model_type="clip_vision_model", image_size=336, patch_size=14, projection_dim=32),
+                       dict(vision_feature_layer=-2, vision_feature_select_strategy="default",
+                            image_grid_pinpoints=pinpoints or LLAVA_NEXT_PINPOINTS)),
+        "internvl": (dict(small, image_size=[448, 448], patch_size=[14, 14], attention_bias=True,
+                          layer_scale_init_value=0.1), dict(downsample_ratio=0.5)),
+        "qwen2_vl": (dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                          spatial_merge_size=2), {}),
+        "qwen2_5_vl": (dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                            patch_size=14, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1]), {}),
+    }
+    if kind not in published:
+        raise ValueError(f"unknown MLLM {kind!r}")
+    vision, config = published[kind]
+    return _build_mllm(kind, vision, dict(TEXT, num_hidden_layers=1), seed, **config)
 
 
 def write_hf_mllm(out: str | Path, kind: str, *, seed: int = 0, max_shard_size: str | None = None,

@@ -355,30 +355,9 @@ def palette(num_classes: int) -> np.ndarray:
     return np.vstack([(colours * 255).astype(np.uint8), [[0, 0, 0]]])
 
 
-def prediction_grid(dataset, indices, truth, predictions, num_classes: int, path) -> None:
-    """PNG grid: one row per image (image, ground truth, prediction), the encoder's own view."""
-    from matplotlib.figure import Figure
-
-    from encoder_probe.cache import save_png
-    colours = palette(num_classes)
-    mean, std = np.array(dataset.preprocess.mean), np.array(dataset.preprocess.std)
-    fig = Figure(figsize=(7.5, 2.5 * len(indices)))
-    axes = fig.subplots(len(indices), 3, squeeze=False)
-    for row, (index, gt, pred) in enumerate(zip(indices, truth, predictions)):
-        image = dataset[int(index)]["pixels"].permute(1, 2, 0).numpy() * std + mean
-        gt = np.where(gt == IGNORE_INDEX, num_classes, gt)
-        for ax, picture, title in zip(axes[row], (image.clip(0, 1), colours[gt], colours[pred]),
-                                      ("image", "ground truth", "prediction")):
-            ax.imshow(picture)
-            ax.set_axis_off()
-            if row == 0:
-                ax.set_title(title)
-    fig.tight_layout()
-    save_png(fig, path, dpi=80)
-
-
-def full_prediction_grid(dataset, indices, truth, predictions, num_classes: int, path) -> None:
-    """View full: the same grid on the original photos (image, ground truth, painted prediction)."""
+def prediction_grid(dataset, indices, truth, predictions, num_classes: int, path, *, original: bool = False) -> None:
+    """Image, ground truth and prediction per row: at the encoder's input (base view, the pixels
+    de-normalised), or on the original photos (``original``: view full, prediction painted from every view)."""
     from matplotlib.figure import Figure
 
     from encoder_probe.cache import save_png
@@ -386,10 +365,14 @@ def full_prediction_grid(dataset, indices, truth, predictions, num_classes: int,
     fig = Figure(figsize=(7.5, 2.5 * len(indices)))
     axes = fig.subplots(len(indices), 3, squeeze=False)
     for row, (index, gt, pred) in enumerate(zip(indices, truth, predictions)):
-        image = np.asarray(dataset.read_image(dataset.samples[int(index)]))
+        if original:
+            image = np.asarray(dataset.read_image(dataset.samples[int(index)]))
+        else:
+            mean, std = np.array(dataset.preprocess.mean), np.array(dataset.preprocess.std)
+            image = (dataset[int(index)]["pixels"].permute(1, 2, 0).numpy() * std + mean).clip(0, 1)
         gt = np.where(gt == IGNORE_INDEX, num_classes, gt)
         for ax, picture, title in zip(axes[row], (image, colours[gt], colours[pred]),
-                                      ("image", "ground truth", "prediction (all views)")):
+                                      ("image", "ground truth", "prediction (all views)" if original else "prediction")):
             ax.imshow(picture)
             ax.set_axis_off()
             if row == 0:
@@ -461,7 +444,8 @@ class SegProbe:
             pred = val.predictions(head, x, masks)
         truth = val.truths(masks)
         if getattr(val, "ragged", False):
-            full_prediction_grid(val_data, val_set.index[rows], truth, pred, num_classes, out / "predictions.png")
+            prediction_grid(val_data, val_set.index[rows], truth, pred, num_classes, out / "predictions.png",
+                            original=True)
         else:
             prediction_grid(val_data, val_set.index[rows], np.stack(truth), np.stack(pred), num_classes,
                             out / "predictions.png")

@@ -19,3 +19,7 @@ class LayerError(EncoderProbeError):
 
 class DataError(EncoderProbeError):
     """A dataset directory, image or mask that cannot be read as the layout promises."""
+
+
+class ImageRefused(DataError):
+    """A readable image the model's own image processor will not take (Qwen2-VL: aspect ratio over 200)."""

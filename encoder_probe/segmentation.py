@@ -166,9 +166,9 @@ def covered(layout, size: tuple[int, int] | None = None, device=None) -> torch.T
 
 def _axis_matrix(centres: torch.Tensor, spans) -> torch.Tensor:
     """(n_pixels, n_tokens) grid_sample bilinear weights along one axis (align_corners=False, border)."""
-    from .encoders.views import _fractional_index
+    from .encoders.views import fractional_index
     n = len(spans)
-    ix = (_fractional_index(centres, spans) - 0.5).clamp(0, n - 1)
+    ix = (fractional_index(centres, spans) - 0.5).clamp(0, n - 1)
     low = ix.floor().long().clamp(max=n - 1)
     w = ix - low
     out = torch.zeros(len(centres), n, dtype=torch.float64, device=centres.device)

@@ -91,8 +91,12 @@ def test_full_view_equals_the_models_own_image_features(mllm, images):
         if kind.startswith("qwen"):
             assert tokens.grid == (int(extra[1]), int(extra[2]))  # smart_resize's grid, not a squashed square
             assert lm.grid == (tokens.grid[0] // 2, tokens.grid[1] // 2)
-        elif kind != "internvl":  # the base view is the model's base view
+        elif kind != "internvl":  # the base view is the model's base view, in either view of ours
             torch.testing.assert_close(tokens.view("base").patches[0], extra, atol=1e-5, rtol=1e-5)
+            base_tile = processor(images=image, return_tensors="pt")["pixel_values"][0, :1]
+            with torch.no_grad():
+                base = load_encoder(str(path)).forward_tokens(base_tile)
+            torch.testing.assert_close(base.patches[0], extra, atol=1e-5, rtol=1e-5)
 
 
 def test_published_token_counts(tmp_path, images):
@@ -253,3 +257,23 @@ def test_token_counts_equal_the_placeholders_the_processor_inserts(mllm, images)
     for name, image in images.items():
         ids = processor(images=image, text=prompt, return_tensors="pt")["input_ids"]
         assert int((ids == token_id).sum()) == encoded[name].layout.lm_tokens, f"{kind} {name}"
+
+
+def test_an_image_the_processor_refuses_names_its_file(tmp_path):
+    """Qwen2-VL's smart_resize refuses aspect ratios over 200: a one-line error naming the file, or
+    skipped and counted under on_bad_image='skip'."""
+    from PIL import Image
+    from encoder_probe.data.imagefolder import ImageFolder
+    from encoder_probe.errors import DataError
+    from encoder_probe.features import extract
+    published_mllm("qwen2_vl").save_pretrained(tmp_path / "qwen")
+    for name, size in (("ok", (64, 48)), ("strip", (600, 2))):
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        Image.new("RGB", size, (90, 120, 30)).save(tmp_path / "data" / "train" / name / "a.png")
+    enc = load_encoder(str(tmp_path / "qwen"), view="full")
+    data = ImageFolder(tmp_path / "data", "train")
+    with pytest.raises(DataError, match=r"strip/a\.png: a 600x2 image: Qwen2VLImageProcessor refuses it"):
+        extract(enc, data, out=tmp_path / "cache", num_workers=0, progress=False)
+    assert not any((tmp_path / "cache").glob("*/meta.json"))
+    features = extract(enc, data, out=tmp_path / "cache", num_workers=0, progress=False, on_bad_image="skip")
+    assert len(features) == 1 and features.meta["skipped"][0]["path"].endswith("strip/a.png")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..cache import atomic_write_json
-from ..errors import DataError
+from ..errors import DataError, ImageRefused
 from .images import BadSample, load_mask, load_rgb, read_errors
 
 IGNORE_INDEX = 255
@@ -96,7 +96,10 @@ class ImageDataset(torch.utils.data.Dataset):
         if self._transform is None:
             raise RuntimeError("call with_transform(encoder.preprocess) before reading pixels")
         if sample.mask is None:
-            return {"index": index, "pixels": self._transform(image), "label": sample.label}
+            try:
+                return {"index": index, "pixels": self._transform(image), "label": sample.label}
+            except ImageRefused as e:
+                return BadSample(index, str(sample.path), str(e))
         try:
             raw = self.read_mask(sample)
         except read_errors() as e:
@@ -108,7 +111,10 @@ class ImageDataset(torch.utils.data.Dataset):
             labels = self.map_labels(raw)
         except ValueError as e:
             return BadSample(index, str(sample.mask), str(e), fatal=True)
-        pixels, mask = self._transform(image, labels)
+        try:
+            pixels, mask = self._transform(image, labels)
+        except ImageRefused as e:
+            return BadSample(index, str(sample.path), str(e))
         return {"index": index, "pixels": pixels, "label": sample.label, "mask": mask}
 
     def map_labels(self, raw: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ImageRefused
 from .base import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056  # Qwen2-VL / 2.5-VL preprocessor_config.json
@@ -109,7 +109,11 @@ class ProcessorTransform:
     def __call__(self, image) -> ProcessedImage:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        out = self.processor(images=image, return_tensors="pt")
+        try:
+            out = self.processor(images=image, return_tensors="pt")
+        except ValueError as e:  # the processor's own refusals (smart_resize's aspect limit, ...)
+            raise ImageRefused(f"a {image.width}x{image.height} image: {self.name} refuses it "
+                               f"({' '.join(str(e).split())[:160]})") from None
         pixels = out["pixel_values"]
         extra = {}
         if "image_grid_thw" in out:

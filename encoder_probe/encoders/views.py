@@ -86,7 +86,7 @@ def _even(a: float, b: float, n: int) -> tuple[Span, ...]:
     return tuple((float(a + i * step), float(a + (i + 1) * step)) for i in range(n))
 
 
-def _fractional_index(x: torch.Tensor, spans: tuple[Span, ...]) -> torch.Tensor:
+def fractional_index(x: torch.Tensor, spans: tuple[Span, ...]) -> torch.Tensor:
     """Map coordinates to fractional token index (token k spans [k, k+1)), piecewise linear over
     the spans; coordinates in a seam between two tokens go to the seam's midpoint."""
     lo = torch.tensor([s[0] for s in spans], dtype=torch.float64, device=x.device)
@@ -208,8 +208,8 @@ class TokenLayout:
             view = self.views[i]
             (h, w), (x0, y0, x1, y1) = view.grid, view.box
             grid_map = values[offsets[i]:offsets[i] + view.size].float().T.reshape(1, -1, h, w)
-            nx = 2 * _fractional_index(xs, view.cols) / w - 1  # grid_sample, align_corners=False: token k
-            ny = 2 * _fractional_index(ys, view.rows) / h - 1  # spans [2k/w - 1, 2(k+1)/w - 1]
+            nx = 2 * fractional_index(xs, view.cols) / w - 1  # grid_sample, align_corners=False: token k
+            ny = 2 * fractional_index(ys, view.rows) / h - 1  # spans [2k/w - 1, 2(k+1)/w - 1]
             inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
             sample = torch.stack(torch.meshgrid(nx, ny, indexing="xy"), dim=-1).float()[None]
             painted = F.grid_sample(grid_map, sample, mode=mode, padding_mode="border", align_corners=False)[0]

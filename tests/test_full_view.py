@@ -277,3 +277,18 @@ def test_an_image_the_processor_refuses_names_its_file(tmp_path):
     assert not any((tmp_path / "cache").glob("*/meta.json"))
     features = extract(enc, data, out=tmp_path / "cache", num_workers=0, progress=False, on_bad_image="skip")
     assert len(features) == 1 and features.meta["skipped"][0]["path"].endswith("strip/a.png")
+
+
+def test_passes_split_tiles_and_images_without_changing_a_token(mllm, images):
+    """A batch of many-tile images runs in passes (memory of a base batch); the tokens are the same."""
+    kind, _, path, _, encoded = mllm
+    enc = load_encoder(str(path), view="full", with_projector=True)
+    if kind.startswith("qwen"):
+        enc.patches_per_pass = 1  # one image a pass
+    else:
+        enc.tiles_per_pass = 2  # astronaut's 5 anyres tiles in 3 passes
+    with torch.no_grad():
+        tokens = enc.encode(list(images.values()))
+    for name, t in zip(images, tokens):
+        torch.testing.assert_close(t.patches, encoded[name].patches, atol=1e-5, rtol=1e-5)
+        assert t.layout == encoded[name].layout

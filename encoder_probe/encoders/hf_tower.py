@@ -208,11 +208,18 @@ class HFTowerEncoder(VisionEncoder):
     def _covered(self, grid, size):
         return float(grid[0] * self.tower.patch[0]), float(grid[1] * self.tower.patch[1])
 
+    tiles_per_pass = 64  # tiles are independent: a batch of many-tile images runs in passes of at most this
+
     def _forward_full(self, images, layers):
-        """Every tile of every image in one tower pass, then each image's tokens in LM order."""
+        """The tiles of every image through the tower (in passes of ``tiles_per_pass``, so memory is
+        that of a 64-image base batch), then each image's tokens in LM order."""
         counts = [im.pixel_values.shape[0] for im in images]
-        pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)
-        per_layer = self._forward_layers(pixels, layers)
+        pixels = torch.cat([im.pixel_values for im in images])
+        passes = [self._forward_layers(part.to(self.device, self.dtype), layers)
+                  for part in torch.split(pixels, self.tiles_per_pass)]
+        per_layer = [passes[0][k] if len(passes) == 1 else
+                     Tokens(torch.cat([p[k].patches for p in passes]), torch.cat([p[k].prefix for p in passes]),
+                            passes[0][k].grid, passes[0][k].layer) for k in range(len(layers))]
         out, start = [], 0
         for image, n in zip(images, counts):
             layout = self.views.layout(image.image_size)

@@ -96,12 +96,27 @@ class QwenVisionEncoder(VisionEncoder):
                               in zip(torch.split(x, sizes), grid_thw.tolist())])
         return [[per_layer[k][i] for k in range(len(layers))] for i in range(len(sizes))]
 
+    patches_per_pass = 64 * 1024  # images are independent: a batch runs in passes of about this many patches
+
     def _forward_full(self, images, layers):
-        """Native resolution: each image at the size the processor's smart_resize chose, all in one pass."""
-        flat = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)
-        grid_thw = torch.stack([im.extra["image_grid_thw"] for im in images]).to(self.device)
+        """Native resolution: each image at the size the processor's smart_resize chose, packed into
+        one sequence per pass (as the model packs them), passes of about ``patches_per_pass``."""
+        groups, size = [[]], 0
+        for image in images:
+            n = image.pixel_values.shape[0]
+            if groups[-1] and size + n > self.patches_per_pass:
+                groups.append([])
+                size = 0
+            groups[-1].append(image)
+            size += n
+        per_image = []
+        for group in groups:
+            flat = torch.cat([im.pixel_values for im in group]).to(self.device, self.dtype)
+            grid_thw = torch.stack([im.extra["image_grid_thw"] for im in group]).to(self.device)
+            per_image += self._run(flat, grid_thw, layers)
         out = []
-        for image, thw, tokens in zip(images, grid_thw.tolist(), self._run(flat, grid_thw, layers)):
+        for image, tokens in zip(images, per_image):
+            thw = image.extra["image_grid_thw"].tolist()
             grid = (int(thw[1]), int(thw[2]))
             layout = single_view(grid, image.image_size, name="image")
             out.append([Tokens(t[None], t[None, :0], grid, layer, layout) for t, layer in zip(tokens, layers)])

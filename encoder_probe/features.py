@@ -53,6 +53,7 @@ from .errors import DataError, SpecError
 FORMAT_VERSION = 1
 POOLS = ("cls", "mean", "cls+mean", "head")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+FULL_VIEW_BATCH = 8  # images per loader batch in view full (the tower still runs passes of 64 tiles)
 
 
 def _layer_tag(layer) -> str:
@@ -506,6 +507,8 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
         raise SpecError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
     if batch_size < 1:
         raise SpecError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(encoder, "view", "base") == "full":  # an image is up to 37 tiles: loader batches of a few images
+        batch_size = min(batch_size, FULL_VIEW_BATCH)  # keep host memory near a base batch's (tokens are per image)
     rank, world = _distributed()
     device = _rank_device(device, world)
     encoder.fingerprint  # of the weights as loaded, before any cast (cached)

@@ -254,4 +254,5 @@ def test_probe_extract_full_view_reports_the_token_counts(tmp_path, checkpoint, 
     visual, lm = fs.token_counts()["visual"], fs.token_counts()["lm"]
     assert f"(view full: {visual.min()}..{visual.max()} visual, {lm.min()}..{lm.max()} LM tokens per image)" \
         in proc.stdout
-    assert fs.meta["key"]["encoder"] == full.fingerprint and fs.meta["plan"]["chunk_size"] == 64  # 32, whole batches
+    assert fs.meta["key"]["encoder"] == full.fingerprint
+    assert fs.meta["plan"] == {"batch_size": 8, "chunk_size": 32}  # loader batches of 8 images in view full

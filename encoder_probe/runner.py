@@ -61,20 +61,11 @@ def note_features_read(fingerprint: str, features) -> None:
 def check_view(spec: str | None, view) -> str:
     """A --view value that ``spec`` can give, before anything is loaded: base, or full for the sources
     that have a full view (MLLM checkpoints); the checkpoint itself is checked when it is loaded."""
-    import inspect
-
-    from .encoders.base import VIEWS
-    from .encoders.registry import parse_spec
-    view = "base" if view is None else view
-    if view not in VIEWS:
-        raise SpecError(f"--view: unknown view {view!r}; choose {' or '.join(VIEWS)}")
-    if view != "base" and spec is not None:
-        source = parse_spec(spec)[0]
-        if "view" not in inspect.signature(source.load).parameters:
-            raise SpecError(f"--view {view}: {spec}: source {source.name!r} reads one view of an image; view "
-                            "'full' is for MLLM checkpoints with multi-view input (LLaVA-OneVision, LLaVA-NeXT, "
-                            "Qwen2/2.5-VL, InternVL)")
-    return view
+    from .encoders.registry import check_view as source_view, parse_spec
+    try:
+        return source_view(parse_spec(spec)[0] if spec is not None else None, spec or "", view)
+    except SpecError as e:
+        raise SpecError(f"--view{'' if str(e).startswith('unknown view') else ' ' + str(view)}: {e}") from None
 
 
 def tokens_per_image(encoder, features_read: dict | None = None) -> dict:

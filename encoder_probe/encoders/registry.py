@@ -91,6 +91,17 @@ def short_spec(spec: str, width: int = 32) -> str:
     return label[:head] + "…" + label[len(label) - (width - 1 - head):]
 
 
+def check_view(source: Source | None, spec: str, view) -> str:
+    """The view ``spec`` is asked for (None = base), if its source can give it; else a one-line SpecError."""
+    view = view or "base"
+    if view not in VIEWS:
+        raise SpecError(f"unknown view {view!r}; choose {' or '.join(VIEWS)}")
+    if view != "base" and source is not None and "view" not in inspect.signature(source.load).parameters:
+        raise SpecError(f"{spec}: source {source.name!r} reads one view of an image; view 'full' is for MLLM "
+                        "checkpoints with multi-view input (LLaVA-OneVision, LLaVA-NeXT, Qwen2/2.5-VL, InternVL)")
+    return view
+
+
 def read_config(directory: Path) -> dict:
     file = directory / "config.json"
     if not file.is_file():
@@ -187,14 +198,9 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
     """
     source, target, weights = parse_spec(spec)
     accepted = inspect.signature(source.load).parameters
-    view = options.pop("view", None) or "base"
-    if view not in VIEWS:
-        raise SpecError(f"unknown view {view!r}; choose {' or '.join(VIEWS)}")
+    view = check_view(source, spec, options.pop("view", None))
     if "view" in accepted:
         options["view"] = view
-    elif view != "base":
-        raise SpecError(f"{spec}: source {source.name!r} reads one view of an image; view 'full' is for MLLM "
-                        "checkpoints with multi-view input (LLaVA-OneVision, LLaVA-NeXT, Qwen2/2.5-VL, InternVL)")
     for name in options:
         if name not in accepted:
             raise SpecError(f"source {source.name!r} takes no option {name!r}")

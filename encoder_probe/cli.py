@@ -107,7 +107,7 @@ def cmd_inspect(args) -> int:
         info.update(patches=list(tokens.patches.shape), prefix=list(tokens.prefix.shape),
                     grid=f"{tokens.grid[0]}x{tokens.grid[1]}")
         size = encoder.base_preprocess.size
-        info["token_counts"] = encoder.base_layout(tuple(size), tokens.grid).counts()
+        info["token_counts"] = encoder.token_counts(encoder.base_layout(tuple(size), tokens.grid))
     info["fingerprint"] = encoder.fingerprint
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -139,8 +139,10 @@ def cmd_inspect(args) -> int:
         print(f"  {'view':<12}{'grid':<9}{'tokens':>8}{'newlines':>10}")
         for view in example["views"]:
             print(f"  {view['name']:<12}{view['grid']:<9}{view['tokens']:>8}{view['newlines']:>10}")
-        print(f"  {'total':<21}{example['visual_tokens']:>8}{example['lm_tokens'] - example['visual_tokens']:>10}"
-              f"  = {example['lm_tokens']} LM tokens")
+        newlines = sum(view["newlines"] for view in example["views"])
+        merged = "" if example["lm_tokens"] == example["visual_tokens"] + newlines else \
+            " (after the projector's merge / shrink)"
+        print(f"  {'total':<21}{example['visual_tokens']:>8}{newlines:>10}  = {example['lm_tokens']} LM tokens{merged}")
     return 0
 
 
@@ -159,7 +161,8 @@ def _full_view_examples(encoder) -> list[dict]:
         with torch.inference_mode():
             tokens = encoder.forward_tokens([processed])[0]
         out.append({"photo": name, "image_size": [image.height, image.width],
-                    "tile_grid": _tile_grid(encoder, processed), **tokens.layout.counts(), "_tokens": tokens})
+                    "tile_grid": _tile_grid(encoder, processed), **encoder.token_counts(tokens.layout),
+                    "_tokens": tokens})
     return out
 
 

@@ -124,7 +124,9 @@ class FeatureSet:
 
     def token_counts(self) -> dict[str, np.ndarray]:
         """{"visual": (N,), "lm": (N,)} int64 tokens per row: the patch tokens, and what the MLLM's LM
-        reads (patch tokens + image_newline tokens). Base view: the grid for every row."""
+        reads (after the projector's merge or shrink, image_newline tokens included: ``encoder.lm_layout``).
+        Base view: the grid for every row, both (the entry does not know the projector; the runner maps
+        the grid to the LM's count)."""
         if not self.ragged:
             visual = np.full(len(self), self.grid[0] * self.grid[1], dtype=np.int64)
             return {"visual": visual, "lm": visual}
@@ -353,7 +355,7 @@ class _Extraction:
         layouts = [image[0].layout for image in per_image]
         lines = [(json.dumps(layout.to_dict(), separators=(",", ":")) + "\n").encode() for layout in layouts]
         arrays["visual_tokens"] = np.array([layout.num_tokens for layout in layouts], dtype=np.int64)
-        arrays["lm_tokens"] = np.array([layout.lm_tokens for layout in layouts], dtype=np.int64)
+        arrays["lm_tokens"] = np.array([self.encoder.lm_layout(layout).lm_tokens for layout in layouts], dtype=np.int64)
         arrays["layouts"] = np.frombuffer(b"".join(lines), dtype=np.uint8)
         arrays["layout_bytes"] = np.array([len(line) for line in lines], dtype=np.int64)
         with torch.inference_mode():

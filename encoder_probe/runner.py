@@ -75,9 +75,14 @@ def tokens_per_image(encoder, features_read: dict | None = None) -> dict:
     import numpy as np
 
     from .features import token_summary
+    from .encoders.views import single_view
     counts = {"visual": [], "lm": []}
     for features in (features_read or {}).values():
-        for kind, values in features.token_counts().items():
+        found = features.token_counts()
+        if not features.ragged and features.grid is not None:  # one grid for every image: the LM's count of it
+            lm = encoder.lm_layout(single_view(features.grid, features.grid)).lm_tokens
+            found["lm"] = np.full_like(found["visual"], lm)
+        for kind, values in found.items():
             counts[kind].append(np.asarray(values))
     if counts["visual"] and sum(len(v) for v in counts["visual"]):
         out = {kind: token_summary(np.concatenate(values)) for kind, values in counts.items()}
@@ -90,8 +95,8 @@ def tokens_per_image(encoder, features_read: dict | None = None) -> dict:
             layout = encoder.encode(photo("astronaut")).layout
     except Exception:  # a count is a note beside the results, never a reason to lose them
         return None
-    return {"visual": token_summary([layout.num_tokens]), "lm": token_summary([layout.lm_tokens]), "images": 1,
-            "example": "astronaut"}
+    return {"visual": token_summary([layout.num_tokens]), "lm": token_summary([encoder.lm_layout(layout).lm_tokens]),
+            "images": 1, "example": "astronaut"}
 
 
 def environment(encoder) -> dict:

@@ -86,8 +86,9 @@ def test_full_view_equals_the_models_own_image_features(mllm, images):
         assert tokens.layout.image_size == (image.height, image.width)
         torch.testing.assert_close(tokens.patches[0], projector_input, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
         torch.testing.assert_close(projected.lm_sequence(lm)[0], features, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
-        # the LM reads exactly as many tokens as our layout counts (newlines included)
+        # the LM reads exactly as many tokens as our layout counts (newlines included), projected or not
         assert lm.layout.lm_tokens == features.shape[0]
+        assert tower.token_counts(tokens.layout)["lm_tokens"] == features.shape[0]
         if kind.startswith("qwen"):
             assert tokens.grid == (int(extra[1]), int(extra[2]))  # smart_resize's grid, not a squashed square
             assert lm.grid == (tokens.grid[0] // 2, tokens.grid[1] // 2)
@@ -126,8 +127,10 @@ def test_anyres_max_shrinks_big_grids_as_the_model_does(tmp_path):
     assert tiles.grid[0] * tiles.grid[1] < 9 * 729 * 1.3
     torch.testing.assert_close(enc.lm_sequence(tokens)[0], ref, atol=1e-5, rtol=1e-5)
     # the shrunk grid still spans the same part of the photo
-    tower = load_encoder(str(tmp_path), view="full").encode(image).layout.views[1]
-    assert tiles.box == pytest.approx(tower.box)
+    tower = load_encoder(str(tmp_path), view="full")
+    layout = tower.encode(image).layout
+    assert tiles.box == pytest.approx(layout.views[1].box)
+    assert layout.lm_tokens > ref.shape[0] == tower.token_counts(layout)["lm_tokens"]  # the LM reads the shrunk grid
 
 
 def test_processor_from_the_checkpoint_dir(tmp_path, images):
@@ -292,3 +295,24 @@ def test_passes_split_tiles_and_images_without_changing_a_token(mllm, images):
     for name, t in zip(images, tokens):
         torch.testing.assert_close(t.patches, encoded[name].patches, atol=1e-5, rtol=1e-5)
         assert t.layout == encoded[name].layout
+
+
+def test_lm_counts_follow_the_projector_in_both_views(tmp_path, images, capsys):
+    """Qwen's LM reads the 2x2-merged tokens: base 448x448 = 32x32 patches -> 256 LM tokens; full view
+    chelsea 22x32 patches -> 176, in `probe inspect` and in results.json."""
+    import json
+    from conftest import run_cli
+    published_mllm("qwen2_vl").save_pretrained(tmp_path / "qwen")
+    base = load_encoder(str(tmp_path / "qwen"))
+    grid = base.forward_tokens(torch.zeros(1, 3, 448, 448)).grid
+    assert base.token_counts(base.base_layout((448, 448), grid)) | {"views": None} == {
+        "views": None, "visual_tokens": 1024, "lm_tokens": 256}
+    from encoder_probe.cli import main
+    assert main(["inspect", str(tmp_path / "qwen"), "--view", "full"]) == 0
+    assert "704         0  = 176 LM tokens" in capsys.readouterr().out
+    proc, out = run_cli(tmp_path, "--encoder", str(tmp_path / "qwen"), "--suite", "knn", "--image-size", "56",
+                        command="run")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(next(out.rglob("results.json")).read_text())
+    assert record["encoder"]["tokens_per_image"]["visual"]["max"] == 16
+    assert record["encoder"]["tokens_per_image"]["lm"]["max"] == 4

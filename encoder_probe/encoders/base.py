@@ -390,6 +390,18 @@ class VisionEncoder:
         """Per image, per layer: Tokens with their layout (sources with a ``full`` view)."""
         raise SpecError(f"{self.spec}: source {self.source!r} has no full view")
 
+    def lm_layout(self, layout: TokenLayout) -> TokenLayout:
+        """The layout of what the MLLM's LM reads for tokens laid out as ``layout``: after the
+        projector's 2x2 merge (Qwen) or anyres_max shrink (OneVision); unchanged for projected tokens."""
+        return layout if self.with_projector else self._lm_layout(layout)
+
+    def token_counts(self, layout: TokenLayout) -> dict:
+        """``layout.counts()`` with ``lm_tokens`` what the LM reads (``lm_layout``), newlines included."""
+        return {**layout.counts(), "lm_tokens": self.lm_layout(layout).lm_tokens}
+
+    def _lm_layout(self, layout: TokenLayout) -> TokenLayout:
+        return layout
+
     def lm_sequence(self, tokens: Tokens) -> torch.Tensor:
         """(B, lm_tokens, D): projected tokens with the MLLM's newline vectors where the LM reads them."""
         if tokens.layout is None or not tokens.layout.num_newlines:

@@ -255,6 +255,11 @@ class HFTowerEncoder(VisionEncoder):
         tokens = [self.tower.split(self.tower.hidden(output, layer), grid, layer) for layer in layers]
         return [pixel_shuffle(t, self.shuffle) for t in tokens] if self.shuffle else tokens
 
+    def _lm_layout(self, layout):
+        if self.view == "full" and hasattr(self.views, "lm_layout") and len(layout.views) > 1:
+            return self.views.lm_layout(layout)
+        return layout
+
     def _project(self, tokens: Tokens) -> Tokens:
         if self.view == "full" and hasattr(self.views, "project") and len(tokens.layout.views) > 1:
             return self.views.project(tokens, self.projector)

@@ -90,24 +90,31 @@ class AnyresViews:
         grid = self._unpad(grid, list(image_size))
         return torch.cat([features[0], grid.flatten(1).T])
 
-    def project(self, tokens: Tokens, projector) -> Tokens:
-        """The projector per token, then OneVision's anyres_max shrink of the tile grid (bilinear, as
-        the model's pack_image_features does it, on projected tokens)."""
-        projected = projector(tokens.patches)
-        layout = tokens.layout
+    def lm_layout(self, layout: TokenLayout) -> TokenLayout:
+        """What the LM reads: OneVision shrinks a tile grid of more than 1.1^2 x anyres_max_N tiles'
+        tokens to ``int(side // ratio)`` per side (the model's pack_image_features formula)."""
         base, tiles = layout.views
-        if self.max_tiles is not None:
-            h, w = tiles.grid
-            ratio = math.sqrt(h * w / (self.max_tiles * self.side ** 2))
-            if ratio > 1.1:
-                size = [int(h // ratio), int(w // ratio)]
-                b, _, d = projected.shape
-                grid = projected[:, base.size:].transpose(1, 2).reshape(b, d, h, w)
-                grid = F.interpolate(grid, size, mode="bilinear")
-                projected = torch.cat([projected[:, :base.size], grid.flatten(2).transpose(1, 2)], dim=1)
-                tiles = View("tiles", resample_spans(tiles.rows, size[0]), resample_spans(tiles.cols, size[1]),
-                             newline=True)
-                layout = TokenLayout(layout.image_size, (base, tiles))
+        if self.max_tiles is None:
+            return layout
+        h, w = tiles.grid
+        ratio = math.sqrt(h * w / (self.max_tiles * self.side ** 2))
+        if ratio <= 1.1:
+            return layout
+        size = (int(h // ratio), int(w // ratio))
+        tiles = View("tiles", resample_spans(tiles.rows, size[0]), resample_spans(tiles.cols, size[1]), newline=True)
+        return TokenLayout(layout.image_size, (base, tiles))
+
+    def project(self, tokens: Tokens, projector) -> Tokens:
+        """The projector per token, then OneVision's shrink of the tile grid (bilinear, on projected
+        tokens, as the model's pack_image_features does it)."""
+        projected = projector(tokens.patches)
+        layout = self.lm_layout(tokens.layout)
+        base, tiles = tokens.layout.views
+        if layout.views[1].grid != tiles.grid:
+            b, _, d = projected.shape
+            grid = projected[:, base.size:].transpose(1, 2).reshape(b, d, *tiles.grid)
+            grid = F.interpolate(grid, list(layout.views[1].grid), mode="bilinear")
+            projected = torch.cat([projected[:, :base.size], grid.flatten(2).transpose(1, 2)], dim=1)
         return Tokens(projected, projected[:, :0], None, tokens.layer, layout)
 
 

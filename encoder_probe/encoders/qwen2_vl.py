@@ -128,11 +128,14 @@ class QwenVisionEncoder(VisionEncoder):
         x = self._merge_order(tokens.patches, tokens.grid)
         merged = self.visual.merger(x.reshape(-1, d)).reshape(b, -1, self.visual.merger.mlp[-1].out_features)
         grid = (tokens.grid[0] // self.merge, tokens.grid[1] // self.merge)
-        layout = None
-        if tokens.layout is not None:  # merged tokens cover the same box, merge x merge patches each
-            view = tokens.layout.views[0]
-            layout = TokenLayout(tokens.layout.image_size, (View.uniform(view.name, grid, view.box),))
+        layout = self._lm_layout(tokens.layout) if tokens.layout is not None else None
         return Tokens(merged, merged[:, :0], grid, tokens.layer, layout)
+
+    def _lm_layout(self, layout: TokenLayout) -> TokenLayout:
+        """Merged tokens cover the same box, merge x merge patches each."""
+        view = layout.views[0]
+        grid = (view.grid[0] // self.merge, view.grid[1] // self.merge)
+        return TokenLayout(layout.image_size, (View.uniform(view.name, grid, view.box),))
 
 
 def _preprocess(path: Path, factor: int, image_size: tuple[int, int] | None) -> tuple[Preprocess, str]:

@@ -161,6 +161,9 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     path = Path(directory)
+    if view == "full" and image_size is not None:
+        raise SpecError(f"{path}: view 'full' is the native resolution the processor chooses (min/max pixels "
+                        "from preprocessor_config.json); --image-size is for view base")
     read_config(path)
     config = load_config(path)
     cls = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel,
@@ -177,9 +180,6 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     full = {}
     if view == "full":
         from .processors import image_processor
-        if image_size is not None:
-            raise SpecError(f"{path}: view 'full' is the native resolution the processor chooses (min/max pixels "
-                            "from preprocessor_config.json); --image-size is for view base")
         full_preprocess, preprocess_from = image_processor(path, config.model_type, config)
         full = {"full_preprocess": full_preprocess}
     return QwenVisionEncoder(

@@ -90,10 +90,11 @@ class TokenAttribution:
     def from_gradients(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @staticmethod
-    def from_sequence(act: torch.Tensor, grad: torch.Tensor, layout) -> torch.Tensor:
-        """View full: (N, D) activations and gradients of one image -> (N,) raw per-token map."""
-        raise NotImplementedError
+    @classmethod
+    def from_sequence(cls, act: torch.Tensor, grad: torch.Tensor, layout) -> torch.Tensor:
+        """View full: (N, D) activations and gradients of one image -> (N,) raw per-token map. Channels
+        are axis 1 in both shapes, so a per-token method is its ``from_gradients``; Grad-CAM overrides."""
+        return cls.from_gradients(act, grad)
 
 
 class GradCAM(TokenAttribution):
@@ -130,10 +131,6 @@ class GradientNorm(TokenAttribution):
     def from_gradients(act, grad):
         return grad.abs().sum(1)
 
-    @staticmethod
-    def from_sequence(act, grad, layout):
-        return grad.abs().sum(1)
-
 
 class GradientXActivation(TokenAttribution):
     """sum_c A_c dS/dA_c per token (captum's LayerGradientXActivation, summed over channels); signed."""
@@ -143,10 +140,6 @@ class GradientXActivation(TokenAttribution):
 
     @staticmethod
     def from_gradients(act, grad):
-        return (act * grad).sum(1)
-
-    @staticmethod
-    def from_sequence(act, grad, layout):
         return (act * grad).sum(1)
 
 

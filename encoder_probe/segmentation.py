@@ -124,9 +124,7 @@ def token_pixels(layout, size: tuple[int, int] | None = None, device=None) -> li
     """Per view, (H, W) long: the layout token (index into the whole sequence) whose box holds
     each pixel's centre, -1 for none. ``size`` (default the original image) is the mask's (H, W);
     its pixel centres are mapped onto the original image."""
-    H, W = size or layout.image_size
-    ys = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) * layout.image_size[0] / H
-    xs = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) * layout.image_size[1] / W
+    ys, xs = layout.pixel_centres(size, device)
     out = []
     for view, offset in zip(layout.views, layout.offsets()):
         r, c = _span_index(ys, view.rows), _span_index(xs, view.cols)
@@ -154,14 +152,8 @@ def layout_union_targets(mask: torch.Tensor, layout, num_classes: int,
 
 def covered(layout, size: tuple[int, int] | None = None, device=None) -> torch.Tensor:
     """(H, W) bool: pixels whose centre lies in some view's box (what ``TokenLayout.paint`` paints)."""
-    H, W = size or layout.image_size
-    ys = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) * layout.image_size[0] / H
-    xs = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) * layout.image_size[1] / W
-    out = torch.zeros(H, W, dtype=torch.bool, device=device)
-    for view in layout.views:
-        x0, y0, x1, y1 = view.box
-        out |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
-    return out
+    ys, xs = layout.pixel_centres(size, device)
+    return torch.stack([view.covers(ys, xs) for view in layout.views]).any(0)
 
 
 def _axis_matrix(centres: torch.Tensor, spans) -> torch.Tensor:
@@ -185,13 +177,8 @@ def paint_operators(layout, size: tuple[int, int] | None = None, device=None, dt
     :func:`upsample_bilinear` is for the base grid; ``weight`` is the view's box indicator over the
     number of views covering the pixel. Forward and backward cost a fraction of ``grid_sample``'s
     on CPU (the seg head's training loss paints every image of every step)."""
-    H, W = size or layout.image_size
-    ys = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) * layout.image_size[0] / H
-    xs = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) * layout.image_size[1] / W
-    insides = []
-    for view in layout.views:
-        x0, y0, x1, y1 = view.box
-        insides.append(((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :])
+    ys, xs = layout.pixel_centres(size, device)
+    insides = [view.covers(ys, xs) for view in layout.views]
     cover = torch.stack(insides).sum(0).clamp(min=1)
     return [(_axis_matrix(ys, v.rows).to(dtype), _axis_matrix(xs, v.cols).to(dtype), (inside / cover).to(dtype))
             for v, inside in zip(layout.views, insides)]

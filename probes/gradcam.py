@@ -317,6 +317,7 @@ def _map_all_full(encoder, dataset, items, target, kind, config, progress) -> di
     from tqdm.auto import tqdm
 
     from encoder_probe.encoders.registry import short_spec
+    from encoder_probe.segmentation import covered
     maps = {m: [] for m in config.methods}
     per = {m: {"pointing_game": [], "energy_in_mask": []} for m in config.methods}
     keep = {"classes": [], "chance": [], "images": [], "inside": [], "labels": [], "layouts": [],
@@ -338,8 +339,7 @@ def _map_all_full(encoder, dataset, items, target, kind, config, progress) -> di
         for j, (g, photo, mask) in enumerate(zip(grads, photos, masks)):
             size = tuple(mask.shape)
             inside, valid = object_masks(mask[None], classes[j:j + 1])
-            covered = g.layout.paint(torch.ones(g.layout.num_tokens), size, mode="nearest") > 0
-            valid = valid & covered[None]  # pixels no view reads cannot be pointed at
+            valid = valid & covered(g.layout, size)[None]  # pixels no view reads cannot be pointed at
             show = len(keep["images"]) < config.overlay_rows
             for m in config.methods:
                 token_map = METHODS[m].from_sequence(g.act, g.grad, g.layout).cpu()

@@ -35,8 +35,7 @@ class SegmentationTransform:
         self.mask = v2.Compose(geometry)
 
     def __call__(self, image, mask: np.ndarray):
-        if mask.shape != (image.height, image.width):
-            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")
+        _check_fits(image, mask)
         from torchvision import tv_tensors
         return self.image(image), self.mask(tv_tensors.Mask(torch.from_numpy(mask)[None]))[0].as_subclass(torch.Tensor)
 
@@ -50,6 +49,10 @@ class FullViewSegmentationTransform:
         self.image = preprocess.transform
 
     def __call__(self, image, mask: np.ndarray):
-        if mask.shape != (image.height, image.width):
-            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")
+        _check_fits(image, mask)
         return self.image(image), torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))
+
+
+def _check_fits(image, mask: np.ndarray) -> None:
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")

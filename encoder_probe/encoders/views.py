@@ -66,6 +66,11 @@ class View:
         r, c = r.reshape(-1), c.reshape(-1)
         return torch.stack([cols[c, 0], rows[r, 0], cols[c, 1], rows[r, 1]], dim=1)
 
+    def covers(self, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """(H, W) bool: which of the pixel centres (``TokenLayout.pixel_centres``) lie in this view's box."""
+        x0, y0, x1, y1 = self.box
+        return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+
     def to_dict(self) -> dict:
         """Plain data: a grid and a box when the view is uniform (the usual case), else every span."""
         if View.uniform(self.name, self.grid, self.box, self.newline) == self:
@@ -184,6 +189,14 @@ class TokenLayout:
         return out
 
     # -- pictures ---------------------------------------------------------------------------------
+    def pixel_centres(self, size: tuple[int, int] | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ys (H,), xs (W,)) float64: the centres of a ``size`` picture's pixels (default the original
+        image) in original-image coordinates, where the views' spans live."""
+        height, width = size or self.image_size
+        ys = (torch.arange(height, dtype=torch.float64, device=device) + 0.5) * self.image_size[0] / height
+        xs = (torch.arange(width, dtype=torch.float64, device=device) + 0.5) * self.image_size[1] / width
+        return ys, xs
+
     def paint(self, values: torch.Tensor, size: tuple[int, int] | None = None, *,
               views: Iterable[int | str] | None = None, mode: str = "bilinear") -> torch.Tensor:
         """Per-token values (N,) or (N, C) -> (H, W) or (C, H, W) on the original image (or ``size``).
@@ -196,21 +209,18 @@ class TokenLayout:
             raise ValueError(f"{values.shape[0]} values for a layout of {self.num_tokens} tokens")
         squeeze = values.ndim == 1
         values = values[:, None] if squeeze else values
-        height, width = size or self.image_size
-        sy, sx = height / self.image_size[0], width / self.image_size[1]
+        ys, xs = self.pixel_centres(size, values.device)
         chosen = range(len(self.views)) if views is None else [self.index(v) for v in views]
-        total = values.new_zeros(values.shape[1], height, width, dtype=torch.float32)
-        cover = values.new_zeros(height, width, dtype=torch.float32)
+        total = values.new_zeros(values.shape[1], len(ys), len(xs), dtype=torch.float32)
+        cover = values.new_zeros(len(ys), len(xs), dtype=torch.float32)
         offsets = self.offsets()
-        xs = (torch.arange(width, dtype=torch.float64, device=values.device) + 0.5) / sx
-        ys = (torch.arange(height, dtype=torch.float64, device=values.device) + 0.5) / sy
         for i in chosen:
             view = self.views[i]
-            (h, w), (x0, y0, x1, y1) = view.grid, view.box
+            h, w = view.grid
             grid_map = values[offsets[i]:offsets[i] + view.size].float().T.reshape(1, -1, h, w)
             nx = 2 * fractional_index(xs, view.cols) / w - 1  # grid_sample, align_corners=False: token k
             ny = 2 * fractional_index(ys, view.rows) / h - 1  # spans [2k/w - 1, 2(k+1)/w - 1]
-            inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+            inside = view.covers(ys, xs)
             sample = torch.stack(torch.meshgrid(nx, ny, indexing="xy"), dim=-1).float()[None]
             painted = F.grid_sample(grid_map, sample, mode=mode, padding_mode="border", align_corners=False)[0]
             total += painted * inside

@@ -8,7 +8,7 @@ __all__ = ["load_encoder", "list_sources", "VisionEncoder", "Tokens", "Preproces
 
 # Suite runner and reports (Python API of `probe run / compare / check`), imported on first use:
 # pandas and matplotlib are not needed to load an encoder.
-_LAZY = {"run_suite": ".runner", "compare": ".report.compare", "check": ".report.check"}
+_LAZY = {"run_suite": ".runner", "compare": ".report.compare", "check": ".report.check", "load_mllm": ".mllm"}
 __all__ += list(_LAZY)
 
 

@@ -1,4 +1,7 @@
-"""What a gradient map explains: a class logit, an image-text similarity, or an MLLM loss.
+"""What a gradient map explains: a class logit or an image-text similarity of the tower's tokens.
+
+(An MLLM's own loss is attributed by :func:`encoder_probe.mllm.loss_gradient`, one conversation at a
+time, through the model's own forward.)
 
 Each target names the tokens it attributes (``tokens(pixels) -> Tokens``) and a per-image score
 of them (``score(tokens, rows) -> (B,)``; ``rows`` selects the class / text / record of every
@@ -142,43 +145,3 @@ def text_embeddings(encoder, texts: list[str]) -> torch.Tensor:
         batch = tokenizer(texts, padding=padding, truncation=True, return_tensors="pt").to(encoder.device)
         out = model.get_text_features(**batch)
         return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-class MLLMTarget:
-    """An MLLM's loss on a (question, answer[, rejected]) record, attributed to the projector output.
-
-    ``loss``: "logprob" (summed answer log-likelihood), "sft" (mean answer cross-entropy of the
-    record) or "dpo" (sigmoid DPO loss of chosen vs rejected; the reference is ``reference`` or,
-    by default, the same model, where the loss is log 2 and its gradient -beta/2 (d chosen - d rejected)).
-    The gradient-norm map of this target is the PIVOT map.
-    """
-
-    LOSSES = ("logprob", "sft", "dpo")
-
-    def __init__(self, mllm, loss: str = "sft", *, beta: float = 0.1, reference=None):
-        if loss not in self.LOSSES:
-            raise SpecError(f"gradcam: mllm loss must be one of {self.LOSSES}, got {loss!r}")
-        self.mllm, self.loss, self.beta, self.reference = mllm, loss, beta, reference
-
-    def tokens(self, pixels) -> Tokens:
-        with torch.no_grad():
-            x = self.mllm.image_tokens(pixels)
-            self._ref_tokens = x if self.reference is None else self.reference.image_tokens(pixels)
-        return Tokens(x, x[:, :0], tuple(self.mllm.grid), "projector")
-
-    def score(self, tokens: Tokens, rows) -> torch.Tensor:
-        x, questions = tokens.patches, [r["question"] for r in rows]
-        chosen = [r["chosen"] for r in rows]
-        if self.loss == "logprob":
-            return self.mllm.response_logprob(x, questions, chosen)
-        if self.loss == "sft":
-            logp, count = self.mllm.answer_logprobs(x, questions, chosen)
-            return -logp / count
-        from .pivot.losses import dpo_loss
-        rejected = [r["rejected"] for r in rows]
-        policy_c, policy_r = (self.mllm.response_logprob(x, questions, a) for a in (chosen, rejected))
-        ref = self.reference or self.mllm
-        with torch.no_grad():
-            ref_c, ref_r = (ref.response_logprob(self._ref_tokens, questions, a) for a in (chosen, rejected))
-        return torch.stack([dpo_loss(policy_c[i:i + 1], policy_r[i:i + 1], ref_c[i:i + 1], ref_r[i:i + 1],
-                                     self.beta)["loss"] for i in range(len(rows))])

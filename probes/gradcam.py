@@ -62,6 +62,8 @@ class GradCAMConfig:
     loss: str = "sft"  # mllm target: logprob | sft | dpo
     beta: float = 0.1  # mllm target, dpo
     dpo_reference: str | None = None  # mllm target, dpo: reference checkpoint (default: the model itself)
+    mllm_dtype: str | None = None  # mllm target: load the MLLM in this dtype (bf16, fp16; default the encoder's)
+    device_map: str | None = None  # mllm target: transformers' device_map ("auto": spread over GPUs, offload to CPU)
     tolerance: int = 0  # pointing game: pixels of slack around the mask
     overlay_rows: int = 8
     device: str | None = None
@@ -78,6 +80,9 @@ class GradCAMConfig:
             raise SpecError(f"gradcam: target must be one of {', '.join(TARGETS)}, got {config.target!r}")
         if config.batch_size < 1 or (config.limit is not None and config.limit < 1) or config.tolerance < 0:
             raise SpecError("gradcam: need batch_size >= 1, limit >= 1 (or null) and tolerance >= 0")
+        from encoder_probe.mllm.model import LOSSES
+        if config.loss not in LOSSES:
+            raise SpecError(f"gradcam: mllm loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
         if config.classifier not in ("fit", "model"):
             raise SpecError(f"gradcam: classifier must be 'fit' or 'model', got {config.classifier!r}")
         if "{}" not in config.prompt:
@@ -86,10 +91,10 @@ class GradCAMConfig:
 
 
 # -- the items a run maps ------------------------------------------------------------------------
-def _checkpoint_dir(encoder) -> Path | None:
+def _runs_as_mllm(path: Path) -> bool:
+    """A trainer checkpoint, or an MLLM dir with its tokenizer (what target mllm needs beyond the tower)."""
     from encoder_probe.pivot.model import is_mllm_checkpoint
-    path = Path(encoder.spec.removeprefix("pivot:"))
-    return path if is_mllm_checkpoint(path) else None
+    return is_mllm_checkpoint(path) or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def _mask_dataset(data, preprocess, limit):
@@ -103,22 +108,6 @@ def _dominant(mask: torch.Tensor) -> int:
     """The most frequent object label of a train-id mask (-1 when it has none)."""
     labels = mask[(mask != 0) & (mask != 255)].long()
     return int(labels.bincount().argmax()) if labels.numel() else -1
-
-
-def _vqa_items(preprocess, limit):
-    """Demo VQA val records with their scenes' masks, through the tower's own preprocessing."""
-    from encoder_probe.data import open_dataset
-    from encoder_probe.data.demo import demo_data
-    from encoder_probe.runner import note_dataset_read
-    note_dataset_read("ade20k", None)
-    root = demo_data()
-    scenes = json.loads((root / "manifest.json").read_text())["scenes"]["val"]
-    stem_of = {s["image"]: s["stem"] for s in scenes}
-    dataset = open_dataset("ade20k", root / "ade20k", "val").with_transform(preprocess)
-    row_of = {s.path.stem: i for i, s in enumerate(dataset.samples)}
-    lines = (root / "vqa" / "val.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()][:limit or None]
-    return dataset, [(row_of[stem_of[r["image"]]], r) for r in records]
 
 
 # -- targets -----------------------------------------------------------------------------------------
@@ -172,7 +161,8 @@ def _resolve_target(encoder, config) -> str:
     from encoder_probe.targets import has_text_tower
     if config.target != "auto":
         return config.target
-    if _checkpoint_dir(encoder) is not None:
+    path = _mllm_dir(encoder)
+    if path is not None and _runs_as_mllm(path):
         return "mllm"
     return "text" if has_text_tower(encoder) else "head"
 
@@ -187,24 +177,10 @@ class GradCAMProbe:
         config = GradCAMConfig.from_options(options)
         kind = _resolve_target(encoder, config)
         full = getattr(encoder, "view", "base") == "full"
-        if full and kind == "mllm":
-            raise SpecError(f"{encoder.spec}: target 'mllm' maps a PIVOT model's own base view; "
-                            "view 'full' takes target head or text")
         extra = {}
         if kind == "mllm":
-            from encoder_probe.pivot.model import load_mllm
-            from encoder_probe.targets import MLLMTarget
-            path = _checkpoint_dir(encoder)
-            if path is None:
-                raise SpecError(f"{encoder.spec}: target 'mllm' needs a PIVOT trainer checkpoint dir")
-            if data:
-                extra["note"] = "target mllm maps the demo VQA records; --data was not read"
-            mllm = load_mllm(path, device=encoder.device, dtype=encoder.dtype)
-            reference = load_mllm(config.dpo_reference, device=encoder.device, dtype=encoder.dtype) \
-                if config.dpo_reference and config.loss == "dpo" else None
-            target = MLLMTarget(mllm, config.loss, beta=config.beta, reference=reference)
-            dataset, items = _vqa_items(mllm.encoder.preprocess, config.limit)
-            extra["loss"] = config.loss
+            result, dataset = _map_mllm(encoder, data, config, context, extra)
+            items = result["index"]
         else:
             dataset, rows = _mask_dataset(data, encoder.base_preprocess if full else encoder.preprocess,
                                           config.limit)
@@ -219,11 +195,12 @@ class GradCAMProbe:
                 target = TextTarget(encoder, [config.prompt.format(n) for n in names])
             else:
                 raise SpecError(f"gradcam: unknown target {kind!r}")
-        result = (_map_all_full if full else _map_all)(encoder, dataset, items, target, kind, config,
-                                                      context.get("progress", True))
+        if kind != "mllm":
+            result = (_map_all_full if full else _map_all)(encoder, dataset, items, target, kind, config,
+                                                          context.get("progress", True))
         used = {**asdict(config), "target": kind, "layer": encoder.layer}
         out = {
-            "metrics": {f"{score}@{m}": summarize([float(np.nanmean(result["scores"][m][score]))])
+            "metrics": {f"{score}@{m}": summarize([_mean(result["scores"][m][score])])
                         for m in config.methods for score in ("pointing_game", "energy_in_mask")},
             "baseline": {"mask_fraction": float(np.mean(result["chance"])),
                          "note": "a uniform map's energy_in_mask, and a random point's pointing-game hit rate"},
@@ -234,15 +211,26 @@ class GradCAMProbe:
             "target": {"kind": kind, **extra},
             "config": used, "config_hash": config_hash(used),
         }
-        if full:
+        if kind == "mllm":
+            out["target"]["loss_value_mean"] = float(result["loss_values"].mean())
+            if np.isnan(result["chance"]).all():
+                out["metrics"] = {}
+                out["baseline"] = {"note": "the VQA records have no masks: localisation not scored"}
+        if "offsets" in result:
             counts = np.diff(result["offsets"])
-            out["data"].update(view="full", tokens_per_image={"min": int(counts.min()), "mean": float(counts.mean()),
+            out["data"].update(view="full" if full else "base", tokens_per_image={"min": int(counts.min()), "mean": float(counts.mean()),
                                                               "max": int(counts.max())})
         folder = artifact_dir(encoder, context, self.name)
         if folder is not None:
             out["artifacts"] = _write_artifacts(folder, result, dataset, encoder, config)
         out["wall_s"] = round(time.perf_counter() - start, 3)
         return out
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean over the scored images (NaN: not scored, e.g. an all-zero map's energy, a record without a mask)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
 
 
 def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
@@ -257,13 +245,12 @@ def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
     bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps", unit="batch", disable=not progress,
                file=sys.stderr)
     for batch in bar:
-        index = [it[0] if kind == "mllm" else it for it in batch]
+        index = list(batch)
         samples = [dataset[i] for i in index]
         bad = [s for s in samples if not isinstance(s, dict)]
         if bad:
             raise DataError(f"{bad[0].path}: {bad[0].reason}")
-        pixels = torch.stack([s["pixels"] for s in samples]).to(encoder.device if kind != "mllm" else
-                                                                   target.mllm.encoder.device)
+        pixels = torch.stack([s["pixels"] for s in samples]).to(encoder.device)
         masks = torch.stack([s["mask"] for s in samples])
         mask_class = torch.tensor([_dominant(m) for m in masks])
         rows, classes = _rows(target, kind, batch, dataset, mask_class, pixels)
@@ -313,55 +300,74 @@ def _full_item(dataset, index: int, encoder):
 
 def _map_all_full(encoder, dataset, items, target, kind, config, progress) -> dict:
     """View full: per-token maps of every image, painted on the photo and scored at its mask's size."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from encoder_probe.encoders.registry import short_spec
+    batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
+    bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps (view full)", unit="batch",
+               disable=not progress, file=sys.stderr)
+
+    def entries():
+        for batch in bar:
+            photos, processed, masks = zip(*(_full_item(dataset, i, encoder) for i in batch))
+            mask_class = torch.tensor([_dominant(m) for m in masks])
+            rows, classes = _rows(target, kind, batch, dataset, mask_class, list(processed))
+            grads = sequence_gradients(target, list(processed), rows)
+            if not any(g.grad.any() for g in grads):
+                raise SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} "
+                                "no gradient (the score reads only prefix tokens, e.g. a CLS-pooled embedding); "
+                                "pick another layer, pool or target")
+            for j, (g, photo, mask) in enumerate(zip(grads, photos, masks)):
+                yield g, photo, mask, int(classes[j]), _labels(target, kind, rows[j:j + 1])[0]
+
+    return _collect(entries(), list(items), config)
+
+
+def _collect(entries, index, config) -> dict:
+    """Raw per-token maps of every (gradients, photo, mask, class, label) entry, their magnitudes, and
+    their localisation scores: each map painted on its photo through the token boxes, scored at the
+    mask's resolution (pixels no view reads cannot be pointed at); a photo without a mask is not scored."""
+    from PIL import Image
+
     from encoder_probe.segmentation import covered
     maps = {m: [] for m in config.methods}
     per = {m: {"pointing_game": [], "energy_in_mask": []} for m in config.methods}
     keep = {"classes": [], "chance": [], "images": [], "inside": [], "labels": [], "layouts": [],
             "painted": {m: [] for m in config.methods}}
     side = OVERLAY_SIDE
-    batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
-    bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps (view full)", unit="batch",
-               disable=not progress, file=sys.stderr)
-    for batch in bar:
-        photos, processed, masks = zip(*(_full_item(dataset, i, encoder) for i in batch))
-        processed = list(processed)
-        mask_class = torch.tensor([_dominant(m) for m in masks])
-        rows, classes = _rows(target, kind, batch, dataset, mask_class, processed)
-        grads = sequence_gradients(target, processed, rows)
-        if not any(g.grad.any() for g in grads):
-            raise SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} no "
-                            "gradient (the score reads only prefix tokens, e.g. a CLS-pooled embedding); "
-                            "pick another layer, pool or target")
-        for j, (g, photo, mask) in enumerate(zip(grads, photos, masks)):
-            size = tuple(mask.shape)
-            inside, valid = object_masks(mask[None], classes[j:j + 1])
+    for g, photo, mask, cls, label in entries:
+        size = tuple(mask.shape) if mask is not None else (photo.height, photo.width)
+        if mask is not None:
+            inside, valid = object_masks(mask[None], torch.tensor([cls]))
             valid = valid & covered(g.layout, size)[None]  # pixels no view reads cannot be pointed at
-            show = len(keep["images"]) < config.overlay_rows
-            for m in config.methods:
-                token_map = METHODS[m].from_sequence(g.act, g.grad, g.layout).cpu()
-                maps[m].append(token_map)
+        else:
+            inside = valid = torch.zeros(1, *size, dtype=torch.bool)
+        show = len(keep["images"]) < config.overlay_rows
+        for m in config.methods:
+            token_map = METHODS[m].from_sequence(g.act, g.grad, g.layout).cpu()
+            maps[m].append(token_map)
+            if mask is not None:
                 painted = g.layout.paint(token_map, size)
                 for name, v in scores(painted[None], inside, valid, config.tolerance).items():
                     per[m][name].append(v)
-                if show:
-                    keep["painted"][m].append(g.layout.paint(token_map, (side, side)))
-            keep["chance"].append(chance(inside, valid))
-            keep["layouts"].append(json.dumps(g.layout.to_dict()))
+            else:
+                for name in per[m]:
+                    per[m][name].append(torch.tensor([float("nan")]))
             if show:
-                keep["images"].append(np.asarray(photo.convert("RGB").resize((side, side), Image.BILINEAR)))
-                ys = ((torch.arange(side) + 0.5) * size[0] / side).long()
-                xs = ((torch.arange(side) + 0.5) * size[1] / side).long()
-                keep["inside"].append(inside[0][ys[:, None], xs[None, :]])
-                keep["labels"] += _labels(target, kind, rows[j:j + 1])
-        keep["classes"].append(classes)
+                keep["painted"][m].append(g.layout.paint(token_map, (side, side)))
+        keep["chance"].append(chance(inside, valid) if mask is not None else torch.tensor([float("nan")]))
+        keep["layouts"].append(json.dumps(g.layout.to_dict()))
+        keep["classes"].append(cls)
+        if show:
+            keep["images"].append(np.asarray(photo.convert("RGB").resize((side, side), Image.BILINEAR)))
+            ys = ((torch.arange(side) + 0.5) * size[0] / side).long()
+            xs = ((torch.arange(side) + 0.5) * size[1] / side).long()
+            keep["inside"].append(inside[0][ys[:, None], xs[None, :]])
+            keep["labels"].append(label)
     offsets = np.concatenate([[0], np.cumsum([len(v) for v in maps[config.methods[0]]])]).astype(np.int64)
     return {"maps": {m: torch.cat(v).numpy() for m, v in maps.items()}, "offsets": offsets, "grid": None,
-            "layouts": np.array(keep["layouts"]), "index": np.array(list(items)),
-            "classes": torch.cat(keep["classes"]).numpy(), "chance": torch.cat(keep["chance"]).numpy(),
+            "layouts": np.array(keep["layouts"]), "index": np.array(index),
+            "classes": np.array(keep["classes"], np.int64), "chance": torch.cat(keep["chance"]).numpy(),
             "scores": {m: {k: torch.cat(v).numpy() for k, v in s.items()} for m, s in per.items()},
             "magnitude": {m: np.array([[float(v.abs().sum()), float(v.abs().max())] for v in vs], np.float32)
                           for m, vs in maps.items()},
@@ -370,10 +376,90 @@ def _map_all_full(encoder, dataset, items, target, kind, config, progress) -> di
             "painted": {m: torch.stack(v).numpy() for m, v in keep["painted"].items()}}
 
 
+def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object]:
+    """The MLLM's own loss on VQA records, attributed to the visual tokens its LM reads (all views,
+    or the base view in view base), painted on each photo through the token boxes."""
+    from tqdm.auto import tqdm
+
+    from encoder_probe.attribution import SequenceGradients
+    from encoder_probe.encoders.registry import short_spec
+    from encoder_probe.mllm import base_view, keep_view, load_mllm, loss_gradient, reference_logprobs
+    path = _mllm_dir(encoder)
+    if path is None:
+        raise SpecError(f"{encoder.spec}: target 'mllm' needs an MLLM checkpoint dir (LLaVA, LLaVA-NeXT, "
+                        "LLaVA-OneVision, Qwen2/2.5-VL, InternVL, a LLaVA-NeXT / PIVOT training dir)")
+    dataset = _vqa_records(data)
+    if data and "vqa" not in data:
+        extra["note"] = "target mllm reads VQA records (--data vqa=FILE); the demo's were used, --data was not read"
+    count = min(len(dataset.records), config.limit or len(dataset.records))
+    photos = [_vqa_photo(dataset, i) for i in range(count)]
+    items = list(zip(photos, dataset.records[:count]))
+    progress = context.get("progress", True)
+    references = [None] * count
+    placement = {"device": None if config.device_map else encoder.device,
+                 "dtype": config.mllm_dtype or encoder.dtype, "device_map": config.device_map}
+    if config.loss == "dpo" and config.dpo_reference:
+        reference = load_mllm(config.dpo_reference, **placement)
+        references = reference_logprobs(reference, tqdm(items, desc="gradcam dpo reference log-probs", unit="record",
+                                                         disable=not progress, file=sys.stderr))
+        reference.free()  # first, and freed: the policy is loaded only once the reference is gone
+        del reference
+        extra["dpo_reference"] = str(config.dpo_reference)
+    mllm = load_mllm(path, **placement)
+    base = getattr(encoder, "view", "base") != "full"
+    extra.update(loss=config.loss, family=getattr(mllm, "family", "pivot-trainer"),
+                 tokens="base view" if base else "every view the LM reads",
+                 records=str(getattr(dataset, "file", dataset.root)))
+    bar = tqdm(items, desc=f"gradcam [{short_spec(encoder.spec)}] mllm {config.loss} maps", unit="record",
+               disable=not progress, file=sys.stderr)
+
+    def entries():
+        for (photo, record), ref in zip(bar, references):
+            g = loss_gradient(mllm, photo, record, config.loss, beta=config.beta, reference=ref)
+            if base:
+                g = keep_view(g, base_view(g.layout))
+            i = len(seen)
+            seen.append(g.value)
+            mask = dataset.labels(i)
+            yield SequenceGradients(g.act, g.grad, g.layout), photo, \
+                None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)), -1, \
+                f"{record['question'][:28]} {record['chosen']}"
+
+    seen = []
+    result = _collect(entries(), list(range(count)), config)
+    result["loss_values"] = np.array(seen, np.float64)
+    return result, dataset
+
+
+def _mllm_dir(encoder) -> Path | None:
+    """The checkpoint dir of an encoder read from an MLLM (any family, PIVOT dirs, trainer dirs)."""
+    if encoder.source not in ("pivot", "llava", "hf-mllm", "qwen2-vl"):
+        return None
+    return Path(encoder.spec.split(":", 1)[1] if encoder.spec.startswith("pivot:") else encoder.spec.split("@")[0])
+
+
+def _vqa_records(data):
+    from encoder_probe.data import open_dataset
+    name, root = pick_dataset(data if data and "vqa" in data else None, "vqa", default="vqa")
+    return open_dataset(name, root, "val")
+
+
+def _vqa_photo(dataset, i):
+    from encoder_probe.data.images import load_rgb
+    sample = dataset.samples[i]
+    try:
+        photo = load_rgb(sample.path)
+        mask = dataset.labels(i)
+    except Exception as e:  # the readers' own errors
+        raise DataError(f"{sample.path}: {' '.join(str(e).split())[:200]}") from None
+    if mask is not None and mask.shape != (photo.height, photo.width):
+        raise DataError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                        f"{photo.width}x{photo.height}")
+    return photo
+
+
 def _rows(target, kind, batch, dataset, mask_class, pixels):
     """What each image's score selects, and the mask class it is scored against (-1: any object)."""
-    if kind == "mllm":
-        return [it[1] for it in batch], torch.full_like(mask_class, -1)
     if kind == "text":
         return mask_class.clamp(min=0), mask_class
     known = {name: i for i, name in enumerate(target.class_names)}
@@ -385,9 +471,7 @@ def _rows(target, kind, batch, dataset, mask_class, pixels):
 
 
 def _labels(target, kind, rows) -> list[str]:
-    """Row labels of the overlay: the class or text scored, or the VQA record."""
-    if kind == "mllm":
-        return [f"{r['question'][:28]} {r['chosen']}" for r in rows]
+    """Row labels of the overlay: the class or text scored."""
     names = target.texts if kind == "text" else target.class_names
     return [names[int(r)][:32] for r in rows]
 

@@ -10,7 +10,7 @@ from encoder_probe.attribution import (GradCAM, GradientNorm, GradientXActivatio
                                        score_through, token_gradients)
 from encoder_probe.errors import SpecError
 from encoder_probe.localization import chance, energy_in_mask, object_masks, pointing_game
-from encoder_probe.targets import HeadTarget, MLLMTarget, TextTarget
+from encoder_probe.targets import HeadTarget, TextTarget
 
 torch.set_num_threads(2)
 
@@ -299,20 +299,16 @@ def mllm():
     return tiny_mllm(texts).eval()
 
 
-def _hand_pivot_map(mllm, x, loss_of):
-    """Per record: d loss / d projector tokens by plain autograd, L1 over channels, to the grid."""
-    maps = []
-    for i, r in enumerate(RECORDS):
-        tokens = mllm.image_tokens(x[i:i + 1]).detach().requires_grad_()
-        grad, = torch.autograd.grad(loss_of(tokens, r), tokens)
-        maps.append(grad.abs().sum(-1).reshape(*mllm.grid))
-    return torch.stack(maps)
-
-
 @pytest.mark.parametrize("loss", ["sft", "logprob", "dpo"])
 def test_pivot_map_equals_hand_autograd(mllm, loss):
+    """The trainer MLLM through the probes' MLLM interface: loss_gradient = plain autograd of the loss
+    at the projector tokens (the PIVOT map), for every loss."""
+    from PIL import Image
+
+    from encoder_probe.mllm import loss_gradient
     from encoder_probe.pivot.losses import dpo_loss
-    x = torch.randn(2, 3, *mllm.encoder.preprocess.size, generator=torch.Generator().manual_seed(4))
+    rng = np.random.default_rng(4)
+    photos = [Image.fromarray(rng.integers(0, 255, (120, 150, 3), dtype=np.uint8)) for _ in RECORDS]
 
     def loss_of(tokens, r):
         q = [r["question"]]
@@ -323,13 +319,19 @@ def test_pivot_map_equals_hand_autograd(mllm, loss):
         c, rj = mllm.response_logprob(tokens, q, [r["chosen"]]), mllm.response_logprob(tokens, q, [r["rejected"]])
         return dpo_loss(c, rj, c.detach(), rj.detach(), beta=0.1)["loss"]
 
-    ours = GradientNorm(MLLMTarget(mllm, loss)).attribute(x, RECORDS)
-    hand = _hand_pivot_map(mllm, x, loss_of)
-    assert ours.shape == (2, *mllm.grid) and hand.abs().sum() > 0
-    torch.testing.assert_close(ours, hand, rtol=1e-4, atol=1e-7)
-    if loss == "logprob":  # the trainer's own PIVOT map (d NLL) has the same norm
-        torch.testing.assert_close(ours, mllm.gradient_map(x, [r["question"] for r in RECORDS],
-                                                           [r["chosen"] for r in RECORDS]), rtol=1e-4, atol=1e-7)
+    for photo, r in zip(photos, RECORDS):
+        ours = loss_gradient(mllm, photo, r, loss, beta=0.1)
+        tokens = mllm.image_tokens(mllm.encoder.transform(photo)[None]).detach().requires_grad_()
+        value = loss_of(tokens, r)
+        hand, = torch.autograd.grad(value, tokens)
+        assert ours.grad.shape == hand[0].shape and hand.abs().sum() > 0
+        torch.testing.assert_close(ours.grad, hand[0], rtol=1e-4, atol=1e-7)
+        assert ours.value == pytest.approx(float(value.detach()), rel=1e-5, abs=1e-6)
+        assert ours.layout.views[0].grid == mllm.grid and ours.layout.image_size == (120, 150)
+        if loss == "logprob":  # the trainer's own PIVOT map (d NLL) has the same norm
+            torch.testing.assert_close(ours.grad.abs().sum(-1).reshape(mllm.grid),
+                                       mllm.gradient_map(mllm.encoder.transform(photo)[None], [r["question"]],
+                                                         [r["chosen"]])[0], rtol=1e-4, atol=1e-7)
 
 
 def test_probe_on_a_pivot_checkpoint(tmp_path):
@@ -348,7 +350,8 @@ def test_probe_on_a_pivot_checkpoint(tmp_path):
                                       for m in ("gradcam", "gradient-norm", "grad-x-act")}
     assert all(0 <= v["value"] <= 1 for v in result["metrics"].values())
     saved = np.load(tmp_path / "run" / enc.fingerprint[:16] / "gradcam" / "maps.npz")
-    assert saved["map/gradient-norm"].shape == (4, 10, 10) and (saved["magnitude/gradient-norm"][:, 0] > 0).all()
+    assert saved["map/gradient-norm"].shape == (400,) and np.diff(saved["map_offsets"]).tolist() == [100] * 4
+    assert (saved["magnitude/gradient-norm"][:, 0] > 0).all()
 
 
 # -- options and bad input ------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def test_bad_options_are_one_line():
         GradCAMConfig.from_options({"target": "logits"})
     assert GradCAMConfig.from_options({"methods": "gradcam, grad-x-act"}).methods == ["gradcam", "grad-x-act"]
     with pytest.raises(SpecError, match="mllm loss"):
-        MLLMTarget(None, "kl")
+        GradCAMConfig.from_options({"loss": "kl"})
 
 
 def test_gradient_x_activation_is_signed_and_gradcam_is_not():

@@ -14,9 +14,10 @@ from .ade20k import ADE20K
 from .base import IGNORE_INDEX, ImageDataset, Sample
 from .imagefolder import ImageFolder
 from .real import FashionMNIST, LFWFaces, MNIST5k, RealMasks
+from .vqa import VQAPairs
 
 DATASETS = {"imagenet": ImageFolder, "ade20k": ADE20K, "fashion-mnist": FashionMNIST, "mnist-5k": MNIST5k,
-            "lfw-faces": LFWFaces, "real-masks": RealMasks}
+            "lfw-faces": LFWFaces, "real-masks": RealMasks, "vqa": VQAPairs}
 DEMO_LAYOUT = {"imagenet": "imagenet", "ade20k": "ade20k"}  # the layouts the built-in demo data is written in
 
 
@@ -44,4 +45,4 @@ def open_dataset(name: str, root: str | Path | None = None, split: str = "train"
 
 
 __all__ = ["ADE20K", "DATASETS", "IGNORE_INDEX", "FashionMNIST", "ImageDataset", "ImageFolder", "LFWFaces", "MNIST5k",
-           "RealMasks", "Sample", "default_root", "open_dataset"]
+           "RealMasks", "Sample", "VQAPairs", "default_root", "open_dataset"]

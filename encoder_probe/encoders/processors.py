@@ -153,6 +153,10 @@ def published_processor(family: str, config):
         return T.LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
                                          image_grid_pinpoints=points)
+    if family == "llava":  # LLaVA-1.5: CLIP's shortest edge + centre crop
+        side = vision.image_size
+        return T.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return T.Qwen2VLImageProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
                                        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,

@@ -12,6 +12,7 @@ tower, the LM config, the tokenizer kind), ``model.safetensors`` (``vision.*``, 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -105,6 +106,33 @@ class MLLM(nn.Module):
         (-self.response_logprob(tokens, questions, answers).sum()).backward(inputs=[tokens])
         return tokens.grad.abs().sum(-1).reshape(-1, *self.grid)
 
+    # -- the probe interface (encoder_probe.mllm): one conversation at a time ---------------------------
+    def example(self, image, question: str, answer: str) -> "TrainerExample":
+        """(image, question, answer) as this trainer's sequence reads it, with the base view's layout."""
+        if not isinstance(question, str) or not isinstance(answer, str) or not answer:
+            raise ValueError("an example needs a question and a non-empty answer (strings)")
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        pixels = self.encoder.transform(image)[None]
+        layout = self.encoder.base_layout((image.height, image.width), self.grid)
+        return TrainerExample(pixels, question, answer, layout, len(self.tokenizer.encode(answer)) + 1)
+
+    def answer_logprob(self, example: "TrainerExample") -> float:
+        with torch.no_grad():
+            tokens = self.image_tokens(example.pixels.to(self.encoder.device, self.encoder.dtype))
+            return float(self.response_logprob(tokens, [example.question], [example.answer])[0])
+
+    def logprob_gradient(self, example: "TrainerExample"):
+        """Summed answer log-likelihood and its gradient at the projector output (the LM's image tokens)."""
+        from ..mllm.model import VisualGradient
+        with torch.no_grad():
+            tokens = self.image_tokens(example.pixels.to(self.encoder.device, self.encoder.dtype))
+        tokens = tokens.detach().requires_grad_()
+        with torch.enable_grad():
+            logp = self.response_logprob(tokens, [example.question], [example.answer])[0]
+            (grad,) = torch.autograd.grad(logp, tokens)
+        return VisualGradient(float(logp.detach()), tokens.detach()[0].float().cpu(), grad[0].float().cpu(),
+                              example.layout)
+
     # -- freezing -----------------------------------------------------------------------------------
     def set_trainable(self, *, vision: bool, projector: bool, lm: bool) -> "MLLM":
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.lm, lm)):
@@ -118,6 +146,15 @@ class MLLM(nn.Module):
             self.vision.set_grad_checkpointing(True)
         elif getattr(self.vision, "supports_gradient_checkpointing", False):  # transformers
             self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class TrainerExample:
+    pixels: torch.Tensor  # (1, 3, H, W): the tower's own preprocessing
+    question: str
+    answer: str
+    layout: object  # TokenLayout of the base view on the original image
+    answer_tokens: int  # answer tokens + eos: what the SFT mean runs over
 
 
 # -- building ---------------------------------------------------------------------------------------

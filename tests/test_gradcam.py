@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from encoder_probe import load_encoder
-from encoder_probe.attribution import (GradCAM, GradientNorm, GradientXActivation, TokenLayer, attribute_all,
+from encoder_probe.attribution import (GradCAM, GradientXActivation, TokenLayer, attribute_all,
                                        score_through, token_gradients)
 from encoder_probe.errors import SpecError
 from encoder_probe.localization import chance, energy_in_mask, object_masks, pointing_game

@@ -41,7 +41,6 @@ def _run(spec, data, options, out, view="base"):
 
 
 def test_records_from_jsonl_are_mapped_and_scored_where_they_have_masks(qwen, records, tmp_path):
-    from encoder_probe.assets import photo  # noqa: F401 - the module imports cleanly offline
     from encoder_probe.mllm import load_mllm, loss_gradient
     enc, result = _run(qwen, {"vqa": str(records)}, {"loss": "sft"}, tmp_path)
     assert result["target"]["kind"] == "mllm" and result["target"]["family"] == "qwen2_vl"

@@ -382,7 +382,7 @@ def _is_train(parser) -> bool:
 def test_every_flag_has_help_that_states_its_default():
     parser = build_parser()
     main_parsers = [each for each in parsers(parser) if not _is_train(each)]
-    assert len(main_parsers) == 8  # probe + list, inspect, extract, run, compare, check, demo
+    assert len(main_parsers) == 9  # probe + list, inspect, extract, run, compare, check, demo, convert
     assert _help_problems(main_parsers) == []
     [extract] = [each for each in main_parsers if each.prog == "probe extract"]
     text = extract.format_help()

@@ -9,7 +9,9 @@ hidden state before post_layernorm; its CLIP tower keeps every block and feeds
 """
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -60,13 +62,22 @@ def infer_tower_params(state: dict, present_layers: int) -> dict:
                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
 
-@register_source("llava", description="LLaVA-NeXT / PIVOT MLLM dir (mm_vision_tower, model.mm_projector)",
-                 detect=detect)
-def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, vision_config=None,
-         view="base"):
-    path = Path(directory)
-    config = read_config(path)
-    reader = CheckpointReader(path)
+@dataclass
+class TowerArch:
+    """A LLaVA dir's vision tower as stored: its weights and the architecture they belong to."""
+
+    prefix: str  # where the tower's keys live in the checkpoint
+    state: dict  # its tensors, keys relative to the vision model (no ``vision_model.`` infix)
+    present: int  # encoder blocks in the weights (SigLIP: one fewer than the architecture's)
+    config: object  # transformers vision config of the whole (untruncated) tower
+    preprocess: object  # base.Preprocess of the tower (size, mean, std, resize)
+    arch_from: str  # where the architecture came from, for messages and details
+
+
+def resolve_tower(path: Path, config: dict, reader: CheckpointReader, vision_config=None) -> TowerArch:
+    """The tower's weights and architecture: ``vision_config`` (a local dir), else the built-in table of
+    known towers by ``mm_vision_tower``, else the weights' shapes. One-line CheckpointError when the
+    tower is not in the weights or has more blocks than its architecture."""
     prefix = reader.first_prefix(VISION_PREFIXES)
     if prefix is None:
         raise CheckpointError(f"{path}: missing vision keys (none under {VISION_PREFIXES[0]}); the tower was "
@@ -91,18 +102,39 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
         preprocess = default_preprocess(vcfg)
         arch_from = f"weight shapes ({tower_id} unknown; num_attention_heads={vcfg.num_attention_heads} guessed)"
 
-    depth = vcfg.num_hidden_layers
-    if present > depth:
+    if present > vcfg.num_hidden_layers:
         raise CheckpointError(f"{path}: {present} tower blocks in the weights, but the architecture "
-                              f"({arch_from}) has {depth}")
+                              f"({arch_from}) has {vcfg.num_hidden_layers}")
+    return TowerArch(prefix, state, present, vcfg, preprocess, arch_from)
+
+
+def lm_feature_layer(vision_config, config: dict) -> tuple[int, str]:
+    """The tower layer the LM reads (hidden_states index of the full tower; negatives count from its end)
+    and why: SigLIP (LLaVA-NeXT deletes its last block) the last remaining block, before post_layernorm;
+    CLIP ``mm_vision_select_layer`` (CLS dropped for select_feature "patch")."""
+    select = int(config.get("mm_vision_select_layer", -2))
+    if vision_config.model_type.startswith("siglip"):
+        return (vision_config.num_hidden_layers - 1,
+                "SigLIP tower, last block removed: last remaining hidden state before post_layernorm")
+    return select, f"mm_vision_select_layer={select}, CLS dropped ({config.get('mm_vision_select_feature', 'patch')})"
+
+
+@register_source("llava", description="LLaVA-NeXT / PIVOT MLLM dir (mm_vision_tower, model.mm_projector)",
+                 detect=detect)
+def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, vision_config=None,
+         view="base"):
+    path = Path(directory)
+    config = read_config(path)
+    reader = CheckpointReader(path)
+    arch = resolve_tower(path, config, reader, vision_config)
+    prefix, state, present, vcfg, preprocess, arch_from = (arch.prefix, arch.state, arch.present, arch.config,
+                                                           arch.preprocess, arch.arch_from)
+    tower_id = config["mm_vision_tower"]
+    depth = vcfg.num_hidden_layers
     model = build_tower(vcfg, num_layers=present, use_head=False)
     missing = load_into(model, state, source=path, optional=lambda k: k.startswith("post_layernorm."))
     tower = HFTower(model)
-    siglip = tower.kind.startswith("siglip")
-    select = int(config.get("mm_vision_select_layer", -2))
-    default = depth - 1 if siglip else select
-    note = ("SigLIP tower, last block removed: last remaining hidden state before post_layernorm" if siglip
-            else f"mm_vision_select_layer={select}, CLS dropped ({config.get('mm_vision_select_feature', 'patch')})")
+    default, note = lm_feature_layer(vcfg, config)
 
     projector = None
     projector_prefix = reader.first_prefix(PROJECTOR_PREFIXES)
@@ -126,15 +158,22 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
 
 
 def grid_pinpoints(value, tile: int) -> list[list[int]]:
-    """LLaVA-NeXT's ``image_grid_pinpoints``: a list of [h, w], or the range form "(1x1),...,(6x6)"
-    (tile multiples, as the LLaVA-NeXT code expands it)."""
-    if isinstance(value, str):
+    """LLaVA-NeXT's ``image_grid_pinpoints`` in transformers' [height, width] order.
+
+    LLaVA-NeXT reads each pair as (width, height) (its select_best_resolution and
+    get_anyres_image_grid_shape); the range form "(AxB),...,(CxD)" expands to (i * tile, j * tile)
+    for i in A..C, j in B..D, as its code does. A JSON string of pairs is read as the list."""
+    if isinstance(value, str) and "x" in value:
         found = re.findall(r"\((\d+)x(\d+)\)", value)
-        if len(found) != 2:
+        if len(found) < 2:
             raise ValueError(f"image_grid_pinpoints {value!r}: expected a list or '(AxB),...,(CxD)'")
-        (r0, c0), (r1, c1) = [(int(a), int(b)) for a, b in found]
-        return [[i * tile, j * tile] for i in range(r0, r1 + 1) for j in range(c0, c1 + 1)]
-    return [[int(h), int(w)] for h, w in value]
+        (a, b), (c, d) = [(int(x), int(y)) for x, y in (found[0], found[-1])]
+        pairs = [(i * tile, j * tile) for i in range(a, c + 1) for j in range(b, d + 1)]
+    else:
+        pairs = [(int(w), int(h)) for w, h in (json.loads(value) if isinstance(value, str) else value)]
+    if not pairs:
+        raise ValueError("image_grid_pinpoints is empty")
+    return [[h, w] for w, h in pairs]
 
 
 def _full_view(path: Path, config: dict, vcfg, preprocess, reader) -> dict:

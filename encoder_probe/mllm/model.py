@@ -308,7 +308,11 @@ def _processor(path: Path, kind: str):
     """The checkpoint's processor; an image processor with the published settings when the dir has
     only a tokenizer; a ChatML template when it has none."""
     import transformers
+
+    from .convert import load_processor, saved_backend
     try:
+        if saved_backend(path) == "pil":  # written by `probe convert`: LLaVA-NeXT's PIL preprocessing
+            return load_processor(path)
         return transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means: not a whole processor on disk
         reason = " ".join(str(e).split())[:160]
@@ -335,20 +339,19 @@ def build_processor(kind: str, image_processor, tokenizer, config=None):
     """The family's full processor (image + text + chat template), as its published checkpoints ship it."""
     import transformers as T
     template = getattr(tokenizer, "chat_template", None)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    vision = getattr(config, "vision_config", None)
+    patch = getattr(vision, "patch_size", 14)
     if kind == "llava_onevision":
+        side = vision.image_size // patch if vision is not None else 27
         return T.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-                                         video_processor=T.LlavaOnevisionVideoProcessor(), num_image_tokens=729,
-                                         vision_feature_select_strategy="full")
-    if kind == "llava_next":  # published processor_config: one additional (CLS) token, strategy default
-        return T.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                    chat_template=template)
-    if kind == "llava":
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        patch = config.vision_config.patch_size if config is not None else 14
-        return T.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                                vision_feature_select_strategy=strategy, chat_template=template,
-                                num_additional_image_tokens=0 if strategy == "full" else 1)
+                                         video_processor=T.LlavaOnevisionVideoProcessor(), num_image_tokens=side * side,
+                                         vision_feature_select_strategy=strategy)
+    if kind in ("llava", "llava_next"):  # CLIP towers: one additional (CLS) token, dropped by strategy default
+        cls = T.LlavaProcessor if kind == "llava" else T.LlavaNextProcessor
+        extra = 0 if getattr(vision, "model_type", "").startswith("siglip") else 1
+        return cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                   vision_feature_select_strategy=strategy, chat_template=template, num_additional_image_tokens=extra)
     if kind.startswith("qwen"):
         cls = T.Qwen2VLProcessor if kind == "qwen2_vl" else T.Qwen2_5_VLProcessor
         return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=T.Qwen2VLVideoProcessor(),

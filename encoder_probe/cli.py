@@ -91,6 +91,58 @@ def cmd_inspect(args) -> int:
     import torch
     from .encoders import load_encoder
 
+    if args.mllm:  # the whole MLLM (tower + projector + LM) as the gradient target: what it reads per photo
+        from types import SimpleNamespace
+
+        from .assets import photo
+        from .errors import CheckpointError
+        from .mllm import base_view, load_mllm
+        given = [flag for flag, value in (("--layer", args.layer), ("--with-projector", args.with_projector),
+                                          ("--view", args.view), ("--image-size", args.image_size),
+                                          ("--vision-config", args.vision_config)) if value]
+        if given:
+            raise SpecError(f"--mllm: {', '.join(given)} does not apply (the MLLM reads its processor's full "
+                            "output; inspect without --mllm for the tower)")
+        path = Path(args.spec)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such directory (--mllm takes an MLLM checkpoint directory)")
+        mllm = load_mllm(path, device=args.device, dtype=args.dtype)
+        info = {"dir": str(path), **mllm.describe()}
+        examples = []
+        for name in EXAMPLE_PHOTOS:
+            example = mllm.describe(photo(name))["example"]
+            named = SimpleNamespace(views=[SimpleNamespace(name=v["name"]) for v in example["views"]])
+            try:  # the view kept by a base map (keep_view(g, base_view(layout))), by the same rule
+                base = example["views"][base_view(named)]["name"]
+            except ValueError:
+                base = None
+            examples.append({"photo": name, **example, "base_view": base})
+        info["examples"] = examples
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+            return 0
+        names = {"family": "family", "model": "model class", "processor": "processor", "lm": "language model",
+                 "chat_template": "chat template", "image_token": "image token"}
+        shown = dict(info, chat_template="the checkpoint's own" if info["chat_template"] == "checkpoint"
+                     else info["chat_template"])
+        for key, label in names.items():
+            print(f"{label:<18}{shown[key]}")
+        for key, value in info.items():
+            if key not in names and key not in ("dir", "examples"):
+                print(f"{key:<18}{value}")
+        for example in examples:
+            print(f"\nphoto {example['photo']!r} ({example['image']}): {example['lm_positions']} LM positions")
+            print(f"  {'view':<12}{'grid':<9}{'tokens':>8}{'newlines':>10}{'LM positions':>14}")
+            for view in example["views"]:
+                print(f"  {view['name']:<12}{view['grid']:<9}{view['tokens']:>8}{view['newlines']:>10}"
+                      f"{view['tokens'] + view['newlines']:>14}")
+            base = next((v for v in example["views"] if v["name"] == example["base_view"]), None)
+            if base is not None:
+                print(f"  base: {base['tokens'] + base['newlines']} LM positions ({base['name']} view); "
+                      f"full: {example['lm_tokens']} (every view; the model always reads all of them)")
+            else:
+                print(f"  full: {example['lm_tokens']} LM positions (no base view)")
+        return 0
     encoder = load_encoder(args.spec, device=args.device, dtype=args.dtype, layer=args.layer,
                            with_projector=args.with_projector, **_load_options(args))
     info = encoder.describe()
@@ -302,6 +354,26 @@ def cmd_check(args) -> int:
     return result.exit_code
 
 
+def cmd_convert(args) -> int:
+    """A LLaVA-NeXT / PIVOT training dir -> the transformers MLLM dir that reproduces its forward."""
+    from .mllm.convert import describe, is_pivot_dir, load_processor, save_converted
+    source, out = Path(args.dir), Path(args.out)
+    if out.exists() or out.is_symlink():
+        raise SpecError(f"--out {out}: already exists; convert writes a new directory")
+    if not source.is_dir():
+        raise SpecError(f"{source}: no such directory")
+    if not is_pivot_dir(source):
+        from .encoders.registry import read_config
+        read_config(source)  # no config.json / not JSON: its own one-line error
+        raise SpecError(f"{source / 'config.json'}: not a LLaVA-NeXT / PIVOT training dir (no mm_vision_tower); "
+                        "transformers MLLM dirs load as they are")
+    save_converted(source, out, vision_config=args.vision_config)
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(out, local_files_only=True)
+    print(f"{source} -> {out}\n  {describe(config, load_processor(out))}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Tiny checkpoints of every layout, the demo data's features, real weights vs random twins on real data
     (probes, Grad-CAM, localisation), the PIVOT toy (base / SFT / DPO), and the comparison reports."""
@@ -410,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: what the MLLM's projector reads, the encoder's final tokens for plain encoders)")
     p.add_argument("--with-projector", action="store_true", help="show the projector's output tokens")
     p.add_argument("--json", action="store_true", help="print everything detected as JSON")
+    p.add_argument("--mllm", action="store_true", help="the whole MLLM of a checkpoint dir (tower + projector + "
+                   "LM, as the mllm gradient targets load it): family, classes, LM size, chat template, image "
+                   "token, and the LM positions the example photos take per view")
     loading(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -469,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed drop, repeatable; METRIC is probe/metric, metric or * (default 0)")
     p.add_argument("--allow-mixed", action="store_true", help="check against a baseline run with other settings")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("convert", help="a LLaVA-NeXT / PIVOT training dir -> the transformers MLLM dir "
+                       "(LlavaForConditionalGeneration) that reproduces its forward")
+    p.add_argument("dir", metavar="DIR", help="the training dir (config.json with mm_vision_tower)")
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="the new directory (must not exist)")
+    p.add_argument("--vision-config", metavar="DIR", help="local dir with the tower's config (default: the "
+                   "built-in known towers by mm_vision_tower, else the weights' shapes)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="the built-in demo (no data or network needed)")
     p.add_argument("--out", default=".cache/demo", help="where the toy checkpoints, features and reports go")

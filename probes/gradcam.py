@@ -400,8 +400,11 @@ def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object
                  "dtype": config.mllm_dtype or encoder.dtype, "device_map": config.device_map}
     if config.loss == "dpo" and config.dpo_reference:
         reference = load_mllm(config.dpo_reference, **placement)
-        references = reference_logprobs(reference, tqdm(items, desc="gradcam dpo reference log-probs", unit="record",
-                                                         disable=not progress, file=sys.stderr))
+        try:
+            references = reference_logprobs(reference, tqdm(items, desc="gradcam dpo reference log-probs",
+                                                             unit="record", disable=not progress, file=sys.stderr))
+        except ValueError as e:
+            raise DataError(f"{getattr(dataset, 'file', dataset.root)}: {e}") from None
         reference.free()  # first, and freed: the policy is loaded only once the reference is gone
         del reference
         extra["dpo_reference"] = str(config.dpo_reference)
@@ -414,11 +417,13 @@ def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object
                disable=not progress, file=sys.stderr)
 
     def entries():
-        for (photo, record), ref in zip(bar, references):
-            g = loss_gradient(mllm, photo, record, config.loss, beta=config.beta, reference=ref)
+        for i, ((photo, record), ref) in enumerate(zip(bar, references)):
+            try:
+                g = loss_gradient(mllm, photo, record, config.loss, beta=config.beta, reference=ref)
+            except ValueError as e:  # a record the checkpoint's processor or template cannot take
+                raise DataError(f"{getattr(dataset, 'file', dataset.root)}: record {i + 1}: {e}") from None
             if base:
                 g = keep_view(g, base_view(g.layout))
-            i = len(seen)
             seen.append(g.value)
             mask = dataset.labels(i)
             yield SequenceGradients(g.act, g.grad, g.layout), photo, \

@@ -71,9 +71,12 @@ def test_records_without_any_mask_are_mapped_not_scored(qwen, records, tmp_path)
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"image": "a.png", "question": "q"}', r"pairs\.jsonl:1: needs string fields .*chosen, rejected"),
-    ("not json", r"pairs\.jsonl:1: not JSON"),
-    ('{"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"}', r"pairs\.jsonl:1: missing\.png: no such file"),
+    ('{"image": "a.png", "question": "q"}', r"pairs\.jsonl:1: missing or empty field\(s\) chosen, rejected"),
+    ("not json", r"pairs\.jsonl:1: not valid JSON"),
+    ('{"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"}',
+     r"pairs\.jsonl: record 1: image .*missing\.png does not exist"),
+    ('{"image": "a.png", "mask": "nope.png", "question": "q", "chosen": "a", "rejected": "b"}',
+     r"pairs\.jsonl: record 1: mask .*nope\.png does not exist"),
 ])
 def test_bad_records_are_one_line_errors_naming_file_and_line(qwen, records, tmp_path, line, message):
     bad = tmp_path / "pairs.jsonl"
@@ -131,3 +134,24 @@ def test_view_base_keeps_the_base_tile_and_full_every_view(tmp_path):
     assert base["data"]["tokens_per_image"]["max"] == 729 and base["target"]["tokens"] == "base view"
     assert full["data"]["tokens_per_image"]["max"] > 729 and full["data"]["view"] == "full"
     assert base["target"]["loss_value_mean"] == pytest.approx(full["target"]["loss_value_mean"])  # one forward
+
+
+def test_a_checkpoint_with_missing_or_corrupt_weights_is_refused_not_half_random(qwen, tmp_path):
+    """transformers would initialise missing LM weights at random and go on: load_mllm refuses instead."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from encoder_probe.errors import CheckpointError
+    from encoder_probe.mllm import load_mllm
+    partial = shutil.copytree(qwen, tmp_path / "partial")
+    state = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".layers.0.mlp." not in k}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"partial: the weights do not match .*missing .*layers\.0\.mlp"):
+        load_mllm(partial)
+    corrupt = shutil.copytree(qwen, tmp_path / "corrupt")
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError, match=r"corrupt: Qwen2VLForConditionalGeneration cannot load it"):
+        load_mllm(corrupt)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..encoders.views import TokenLayout, View
+from ..encoders.views import TokenLayout
 from ..errors import CheckpointError, SpecError
 
 FAMILIES = {  # config.json model_type -> the transformers class that runs it
@@ -126,7 +126,11 @@ class MLLM:
         if not full.startswith(prompt):
             raise CheckpointError(f"{self.path}: the chat template renders the prompt differently once an answer "
                                   "follows, so the answer's tokens cannot be told apart")
-        inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
+        try:
+            inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
+        except ValueError as e:  # the processor's own refusals (an image-token string in the question, ...)
+            raise ValueError(f"{type(self.processor).__name__} refuses the conversation "
+                             f"({' '.join(str(e).split())[:200]})") from None
         answer_ids = self.tokenizer(full[len(prompt):], add_special_tokens=False, return_tensors="pt")["input_ids"]
         start = inputs["input_ids"].shape[1]
         for key, value in list(inputs.items()):  # per-token side inputs (mm_token_type_ids): the answer is text
@@ -291,9 +295,15 @@ def load_mllm(path, device=None, dtype=None, device_map=None):
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+        model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, output_loading_info=True,
+                                          **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers', safetensors' and torch's own errors: one line
         raise CheckpointError(f"{path}: {FAMILIES[kind]} cannot load it ({' '.join(str(e).split())[:200]})") from None
+    missing = sorted(info.get("missing_keys", ()))  # transformers leaves out weights tied to others (lm_head)
+    mismatched = sorted(str(m[0] if isinstance(m, tuple) else m) for m in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        raise CheckpointError(f"{path}: the weights do not match {FAMILIES[kind]}'s config (missing "
+                              f"{', '.join(missing[:3]) or 'none'}; shape mismatches {', '.join(mismatched[:3]) or 'none'})")
     mllm = MLLM(model, processor, family=kind, path=path, template_from=_template_from(processor, kind))
     return mllm if device_map is not None else _placed(mllm, parse_device(device))
 
@@ -375,7 +385,11 @@ def base_view(layout: TokenLayout) -> int:
 
 
 def keep_view(g: VisualGradient, view: int) -> VisualGradient:
-    """One view's tokens of a gradient, with a layout of that view alone."""
-    span = g.layout.span(view)
-    one = View(g.layout.views[view].name, g.layout.views[view].rows, g.layout.views[view].cols, False)
-    return VisualGradient(g.value, g.act[span], g.grad[span], TokenLayout(g.layout.image_size, (one,)))
+    """One view's tokens of a gradient (and its newlines' gradient), with a layout of that view alone."""
+    span, views = g.layout.span(view), g.layout.views
+    newlines = None
+    if views[view].newline and g.newline_grad is not None:
+        start = sum(v.grid[0] for v in views[:view] if v.newline)
+        newlines = g.newline_grad[start:start + views[view].grid[0]]
+    return VisualGradient(g.value, g.act[span], g.grad[span], TokenLayout(g.layout.image_size, (views[view],)),
+                          newlines)

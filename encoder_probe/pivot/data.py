@@ -31,8 +31,10 @@ def _image_root(path: Path, first: str) -> Path:
     return path.parent
 
 
-def read_pairs(path, image_root=None, limit: int | None = None, need_rejected: bool = True) -> list[dict]:
-    """Validated records with absolute image paths; SFT-only data (captions) may leave out ``rejected``."""
+def read_pairs(path, image_root=None, limit: int | None = None, need_rejected: bool = True,
+               masks: bool = False) -> list[dict]:
+    """Validated records with absolute image paths; SFT-only data (captions) may leave out ``rejected``.
+    ``masks``: keep an optional ``mask`` path per record (gradient maps' localisation), resolved as images are."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such preference file (JSONL of {{{', '.join(FIELDS)}}})")
@@ -51,18 +53,22 @@ def read_pairs(path, image_root=None, limit: int | None = None, need_rejected: b
             missing = [k for k in wanted if not isinstance(record.get(k), str) or not record[k].strip()]
             if missing:
                 raise DataError(f"{path}:{number}: missing or empty field(s) {', '.join(missing)}")
-            records.append({k: record.get(k, "") for k in FIELDS})
+            kept = {k: record.get(k, "") for k in FIELDS}
+            if masks and record.get("mask"):
+                kept["mask"] = str(record["mask"])
+            records.append(kept)
             if limit is not None and len(records) >= limit:
                 break
     if not records:
         raise DataError(f"{path}: holds no preference records")
     root = Path(image_root) if image_root is not None else _image_root(path, records[0]["image"])
     for number, record in enumerate(records, 1):
-        image = Path(record["image"]).expanduser()
-        image = image if image.is_absolute() else root / image
-        if not image.is_file():
-            raise DataError(f"{path}: record {number}: image {image} does not exist")
-        record["image"] = str(image)
+        for key in ("image", "mask") if "mask" in record else ("image",):
+            file = Path(record[key]).expanduser()
+            file = file if file.is_absolute() else root / file
+            if not file.is_file():
+                raise DataError(f"{path}: record {number}: {key} {file} does not exist")
+            record[key] = str(file)
     return records
 
 

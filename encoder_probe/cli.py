@@ -92,11 +92,9 @@ def cmd_inspect(args) -> int:
     from .encoders import load_encoder
 
     if args.mllm:  # the whole MLLM (tower + projector + LM) as the gradient target: what it reads per photo
-        from types import SimpleNamespace
-
         from .assets import photo
         from .errors import CheckpointError
-        from .mllm import base_view, load_mllm
+        from .mllm import load_mllm
         given = [flag for flag, value in (("--layer", args.layer), ("--with-projector", args.with_projector),
                                           ("--view", args.view), ("--image-size", args.image_size),
                                           ("--vision-config", args.vision_config)) if value]
@@ -110,13 +108,7 @@ def cmd_inspect(args) -> int:
         info = {"dir": str(path), **mllm.describe()}
         examples = []
         for name in EXAMPLE_PHOTOS:
-            example = mllm.describe(photo(name))["example"]
-            named = SimpleNamespace(views=[SimpleNamespace(name=v["name"]) for v in example["views"]])
-            try:  # the view kept by a base map (keep_view(g, base_view(layout))), by the same rule
-                base = example["views"][base_view(named)]["name"]
-            except ValueError:
-                base = None
-            examples.append({"photo": name, **example, "base_view": base})
+            examples.append({"photo": name, **mllm.describe(photo(name))["example"]})
         info["examples"] = examples
         if args.json:
             print(json.dumps(info, indent=2, default=str))

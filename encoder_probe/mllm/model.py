@@ -209,9 +209,7 @@ class MLLM:
                "image_token": f"{self.tokenizer.convert_ids_to_tokens(self.image_token_id)} (id {self.image_token_id})",
                **self.details}
         if image is not None:
-            example = self.example(image, "What is in the image?", "x")
-            out["example"] = {"image": f"{image.width}x{image.height}", "lm_positions": len(example.image_positions),
-                              **example.layout.counts()}
+            out["example"] = example_counts(self, image)
         return out
 
     def free(self) -> None:
@@ -220,6 +218,18 @@ class MLLM:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def example_counts(mllm, image) -> dict:
+    """What one photo takes in the LM: per-view grids, tokens and newlines, the LM positions, and the
+    view a base map keeps (None when the layout has no base view)."""
+    layout = mllm.example(image, "What is in the image?", "x").layout
+    try:
+        base = layout.views[base_view(layout)].name
+    except ValueError:
+        base = None
+    return {"image": f"{image.width}x{image.height}", "lm_positions": layout.lm_tokens, **layout.counts(),
+            "base_view": base}
 
 
 # -- the losses a map explains --------------------------------------------------------------------

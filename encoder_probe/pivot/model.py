@@ -133,6 +133,19 @@ class MLLM(nn.Module):
         return VisualGradient(float(logp.detach()), tokens.detach()[0].float().cpu(), grad[0].float().cpu(),
                               example.layout)
 
+    def describe(self, image=None) -> dict:
+        """`probe inspect --mllm` of a trainer checkpoint: the same keys as encoder_probe.mllm.MLLM's."""
+        from ..mllm.model import example_counts
+        cfg = self.lm.config
+        out = {"family": "pivot-trainer", "model": type(self).__name__, "processor": f"the tower's own ({self.encoder.spec})",
+               "lm": f"{type(self.lm).__name__}, {sum(p.numel() for p in self.lm.parameters()) / 1e6:.2f}M parameters, "
+                     f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}",
+               "chat_template": "none: the trainer's sequence [image tokens] [question] [sep] [answer] [eos]",
+               "image_token": "none (the image tokens come first)"}
+        if image is not None:
+            out["example"] = example_counts(self, image)
+        return out
+
     # -- freezing -----------------------------------------------------------------------------------
     def set_trainable(self, *, vision: bool, projector: bool, lm: bool) -> "MLLM":
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.lm, lm)):

@@ -155,3 +155,19 @@ def test_a_checkpoint_with_missing_or_corrupt_weights_is_refused_not_half_random
         f.truncate(1000)
     with pytest.raises(CheckpointError, match=r"corrupt: Qwen2VLForConditionalGeneration cannot load it"):
         load_mllm(corrupt)
+
+
+def test_bf16_and_device_map_load_the_same_model(qwen):
+    """dtype and device_map (accelerate's placement) reach from_pretrained: the same log-likelihood and
+    gradient (bf16 to its precision)."""
+    import torch
+
+    from encoder_probe.assets import photo
+    from encoder_probe.mllm import load_mllm
+    plain, mapped, half = load_mllm(qwen), load_mllm(qwen, device_map="cpu"), load_mllm(qwen, dtype="bf16")
+    assert half.model.dtype == torch.bfloat16 and {p.device.type for p in mapped.model.parameters()} == {"cpu"}
+    example = plain.example(photo("chelsea"), "What is it?", "a cat")
+    a, b, c = (m.logprob_gradient(example) for m in (plain, mapped, half))
+    assert a.value == b.value and torch.equal(a.grad, b.grad)
+    assert abs(c.value - a.value) < 0.05 * abs(a.value) and c.grad.dtype == torch.float32
+    assert float((c.grad - a.grad).abs().max()) < 0.05 * float(a.grad.abs().max())

@@ -212,8 +212,9 @@ def test_run_suite_checks_every_input_before_loading_the_first_encoder(tmp_path,
 # -- 2. Ctrl-C -----------------------------------------------------------------------------------
 def test_ctrl_c_is_one_line_exit_130_no_traceback_and_nothing_half_written(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
-    # 80 images: on a loaded box this test may see the first chunk (and signal) seconds late; the run must still be going
-    write_imagefolder(data, classes=("a", "b", "c", "d"), per_class=20, size=(64, 64))
+    # 400 images (about 20 s of extraction): on a loaded box this test may see the first chunk (and signal)
+    # seconds late; the run must still be going, not in its final commit
+    write_imagefolder(data, classes=("a", "b", "c", "d"), per_class=100, size=(64, 64))
     argv = [sys.executable, "-m", "encoder_probe", "extract", "--encoder", ENCODER, "--data", f"imagenet={data}",
             "--split", "train", "--tokens", "--batch-size", "2", "--chunk-size", "2", "--workers", "1",
             "--out", str(out)]

@@ -218,9 +218,18 @@ def test_ctrl_c_is_one_line_exit_130_no_traceback_and_nothing_half_written(tmp_p
     argv = [sys.executable, "-m", "encoder_probe", "extract", "--encoder", ENCODER, "--data", f"imagenet={data}",
             "--split", "train", "--tokens", "--batch-size", "2", "--chunk-size", "2", "--workers", "1",
             "--out", str(out)]
-    # its own session, as a terminal's foreground job: Ctrl-C reaches the command and its loader workers
+    # its own session, as a terminal's foreground job: Ctrl-C reaches the command and its loader workers.
+    # A shell starts a job with SIGINT unblocked and at its default; the test process (a pytest-xdist
+    # worker, after hundreds of tests) may hold it blocked, and a blocked signal mask is inherited
+    # through fork and exec, so the job would never see the Ctrl-C.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    def as_a_shell_starts_it():
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with _reaped(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  start_new_session=True)) as proc:
+                                  start_new_session=True, preexec_fn=as_a_shell_starts_it)) as proc:
         deadline = time.time() + 120
         partial = None
         while time.time() < deadline and proc.poll() is None:
@@ -231,7 +240,7 @@ def test_ctrl_c_is_one_line_exit_130_no_traceback_and_nothing_half_written(tmp_p
         assert proc.poll() is None, "the extraction finished before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=180)  # exits in about 2 s here; a loaded CI box is slower
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"signals blocked in the test process: {sorted(blocked)}\n{err}"
     lines = err.strip().splitlines()
     assert lines[-1] == "probe: interrupted; the same command resumes", err
     assert sum("interrupted" in line for line in lines) == 1

@@ -8,15 +8,17 @@ Targets (``target``; "auto" picks mllm > text > head):
   (real-masks photos) use the head's predicted class, scored against all object pixels.
 - ``text``: cosine similarity of the tower's own image embedding with "a photo of a {class}."
   (open_clip, HF CLIP / SigLIP dual-tower dirs).
-- ``mllm``: for PIVOT trainer checkpoints, the answer log-likelihood, SFT or DPO loss of the
-  demo VQA records, attributed to the projector output (the PIVOT map).
+- ``mllm``: the MLLM's own answer log-likelihood, SFT or DPO loss of VQA records (``--data
+  vqa=FILE``, the demo's by default), attributed to the visual tokens its LM reads (the PIVOT map;
+  :mod:`encoder_probe.mllm`), for every MLLM family ``load_mllm`` reads, in both views; maps are
+  ragged per token and painted on each photo, as in view ``full`` below.
 
 Methods: gradcam, gradient-norm (PIVOT), grad-x-act, all from one batched forward/backward
 (:mod:`encoder_probe.attribution`). Localisation (pointing game, energy in mask) against the
 object masks of the segmentation data (the demo scenes by default; ``--data real-masks``).
 Writes ``maps.npz`` (raw maps, per-image magnitudes, classes, scores) and ``overlay.png``.
 
-View ``full`` (MLLM encoders reading several views; targets head and text): maps are per token
+View ``full`` (MLLM encoders reading several views): maps are per token
 over each image's whole sequence (:func:`encoder_probe.attribution.sequence_gradients`; Grad-CAM
 per view), painted onto the ORIGINAL image through the token boxes (``TokenLayout.paint``,
 bilinear, views averaged where they overlap) and scored against the masks at the original

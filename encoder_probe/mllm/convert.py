@@ -426,21 +426,15 @@ def _processor(family: str, config: dict, arch, tokenizer, hf_config):
     h, w = p.size
     common = dict(image_mean=list(p.mean), image_std=list(p.std), resample=_RESAMPLE[p.interpolation],
                   do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True)
+    from .model import build_processor
     if family == "llava_onevision":
         tile = hf_config.vision_config.image_size
         image = transformers.LlavaOnevisionImageProcessorPil(
             size={"height": tile, "width": tile}, image_grid_pinpoints=hf_config.image_grid_pinpoints, do_pad=True,
             **common)
-        side = tile // hf_config.vision_config.patch_size
-        video = transformers.LlavaOnevisionVideoProcessor(size={"height": tile, "width": tile},
-                                                          image_mean=list(p.mean), image_std=list(p.std))
-        return transformers.LlavaOnevisionProcessor(
-            image_processor=image, tokenizer=tokenizer, video_processor=video, num_image_tokens=side * side,
-            vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
-            vision_aspect_ratio=hf_config.vision_aspect_ratio, chat_template=tokenizer.chat_template)
-    from .model import build_processor
+        return build_processor(family, image, tokenizer, hf_config)
     geometry = (dict(size={"height": h, "width": w}, do_center_crop=False) if p.resize == "exact" else
                 dict(size={"shortest_edge": p.resize_to or min(h, w)}, crop_size={"height": h, "width": w},
                      do_center_crop=True))
     image = transformers.LlavaImageProcessorPil(do_pad=config.get("image_aspect_ratio") == "pad", **common, **geometry)
-    return build_processor("llava", image, tokenizer, hf_config)
+    return build_processor(family, image, tokenizer, hf_config)

@@ -362,11 +362,15 @@ def build_processor(kind: str, image_processor, tokenizer, config=None):
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     vision = getattr(config, "vision_config", None)
     patch = getattr(vision, "patch_size", 14)
-    if kind == "llava_onevision":
-        side = vision.image_size // patch if vision is not None else 27
+    if kind == "llava_onevision":  # videos (unused here) framed like the image tiles
+        tile = vision.image_size if vision is not None else 384
+        video = T.LlavaOnevisionVideoProcessor(size={"height": tile, "width": tile},
+                                               image_mean=list(image_processor.image_mean),
+                                               image_std=list(image_processor.image_std))
         return T.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-                                         video_processor=T.LlavaOnevisionVideoProcessor(), num_image_tokens=side * side,
-                                         vision_feature_select_strategy=strategy)
+                                         video_processor=video, num_image_tokens=(tile // patch) ** 2,
+                                         vision_feature_select_strategy=strategy,
+                                         vision_aspect_ratio=getattr(config, "vision_aspect_ratio", "anyres_max_9"))
     if kind in ("llava", "llava_next"):  # CLIP towers: one additional (CLS) token, dropped by strategy default
         cls = T.LlavaProcessor if kind == "llava" else T.LlavaNextProcessor
         extra = 0 if getattr(vision, "model_type", "").startswith("siglip") else 1

@@ -318,3 +318,23 @@ def write_pivot_mllm(out: str | Path, *, seed: int = 0, image_aspect_ratio: str 
     tokenizer.save_pretrained(out)
     (out / "config.json").write_text(json.dumps(fields, indent=2))
     return out
+
+
+def write_lm_dir(out: str | Path, *, seed: int = 0, tokenizer=None, vocab_rows: int | None = VOCAB,
+                 tie_word_embeddings: bool = False) -> Path:
+    """A save_pretrained Qwen2ForCausalLM dir (TEXT sizes) with its tokenizer: what `probe train pretrain
+    --lm` takes. ``tokenizer``: default :func:`chat_tokenizer` (image tokens in, ChatML template);
+    :func:`pivot_tokenizer` is a text LM's (no ``<image>``). ``vocab_rows`` None: as many rows as the
+    tokenizer has tokens, so adding an image token outgrows them."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    _quiet()
+    torch.manual_seed(seed)
+    tokenizer = tokenizer if tokenizer is not None else chat_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    params = {k: v for k, v in TEXT.items() if k != "model_type"}
+    params.update(vocab_size=vocab_rows or len(tokenizer), bos_token_id=ids("<|endoftext|>"),
+                  eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                  tie_word_embeddings=tie_word_embeddings)
+    Qwen2ForCausalLM(Qwen2Config(**params)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

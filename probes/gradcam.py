@@ -94,9 +94,8 @@ class GradCAMConfig:
 
 # -- the items a run maps ------------------------------------------------------------------------
 def _runs_as_mllm(path: Path) -> bool:
-    """A trainer checkpoint, or an MLLM dir with its tokenizer (what target mllm needs beyond the tower)."""
-    from encoder_probe.pivot.model import is_mllm_checkpoint
-    return is_mllm_checkpoint(path) or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    """An MLLM dir with its tokenizer (what target mllm needs beyond the tower)."""
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def _mask_dataset(data, preprocess, limit):
@@ -201,9 +200,10 @@ class GradCAMProbe:
             result = (_map_all_full if full else _map_all)(encoder, dataset, items, target, kind, config,
                                                           context.get("progress", True))
         used = {**asdict(config), "target": kind, "layer": encoder.layer}
+        means = {f"{score}@{m}": _mean(result["scores"][m][score])
+                 for m in config.methods for score in ("pointing_game", "energy_in_mask")}
         out = {
-            "metrics": {f"{score}@{m}": summarize([_mean(result["scores"][m][score])])
-                        for m in config.methods for score in ("pointing_game", "energy_in_mask")},
+            "metrics": {name: summarize([value]) for name, value in means.items() if np.isfinite(value)},
             "baseline": {"mask_fraction": float(np.mean(result["chance"])),
                          "note": "a uniform map's energy_in_mask, and a random point's pointing-game hit rate"},
             "magnitudes": {m: {"mean_l1": float(result["magnitude"][m][:, 0].mean()),
@@ -213,6 +213,10 @@ class GradCAMProbe:
             "target": {"kind": kind, **extra},
             "config": used, "config_hash": config_hash(used),
         }
+        unscored = sorted(name for name, value in means.items() if not np.isfinite(value))
+        if unscored and not np.isnan(result["chance"]).all():  # e.g. a signed grad-x-act map with no positive part
+            out["unscored"] = {name: "no image could be scored (its map has no positive energy on any image)"
+                               for name in unscored}
         if kind == "mllm":
             out["target"]["loss_value_mean"] = float(result["loss_values"].mean())
             if np.isnan(result["chance"]).all():
@@ -412,7 +416,7 @@ def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object
         extra["dpo_reference"] = str(config.dpo_reference)
     mllm = load_mllm(path, **placement)
     base = getattr(encoder, "view", "base") != "full"
-    extra.update(loss=config.loss, family=getattr(mllm, "family", "pivot-trainer"),
+    extra.update(loss=config.loss, family=mllm.family,
                  tokens="base view" if base else "every view the LM reads",
                  records=str(getattr(dataset, "file", dataset.root)))
     bar = tqdm(items, desc=f"gradcam [{short_spec(encoder.spec)}] mllm {config.loss} maps", unit="record",
@@ -439,10 +443,10 @@ def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object
 
 
 def _mllm_dir(encoder) -> Path | None:
-    """The checkpoint dir of an encoder read from an MLLM (any family, PIVOT dirs, trainer dirs)."""
-    if encoder.source not in ("pivot", "llava", "hf-mllm", "qwen2-vl"):
+    """The checkpoint dir of an encoder read from an MLLM (any family, LLaVA-NeXT / PIVOT dirs)."""
+    if encoder.source not in ("llava", "hf-mllm", "qwen2-vl"):
         return None
-    return Path(encoder.spec.split(":", 1)[1] if encoder.spec.startswith("pivot:") else encoder.spec.split("@")[0])
+    return Path(encoder.spec.split("@")[0])
 
 
 def _vqa_records(data):

@@ -1,8 +1,8 @@
-"""PIVOT trainer: DPO maths, masking, gradient flow, a short run, checkpoints, export, resume, DDP."""
+"""The PIVOT trainer on TRL: the DPO objective against the paper's formula, what trains, resume, real dirs."""
+import csv
 import json
-import math
 import os
-import socket
+import signal
 import subprocess
 import sys
 
@@ -15,10 +15,8 @@ from safetensors.torch import load_file
 from encoder_probe import load_encoder, toy
 from encoder_probe.cli import main as cli
 from encoder_probe.errors import DataError, SpecError
-from encoder_probe.pivot import dpo_loss, is_mllm_checkpoint, load_mllm, save_mllm, tiny_mllm
-from encoder_probe.pivot.data import read_pairs, texts_of
-from encoder_probe.pivot.export import export_llava
-from encoder_probe.pivot.train import Objective, TrainConfig, train
+from encoder_probe.mllm.model import load_mllm
+from encoder_probe.pivot.train import TrainConfig, build_trainer, latest_checkpoint, part_of, train
 
 QUESTIONS = ["What colour is the square?", "How many dots are in the image?", "Is the star large or small?",
              "What colour is the ring?"]
@@ -27,13 +25,13 @@ ANSWERS = [("red", "orange"), ("3", "4"), ("large", "small"), ("blue", "cyan")]
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """8 preference records over random 32x32 images, relative paths as MMPR ships them."""
+    """8 preference records over random 40x56 images, relative paths as MMPR ships them."""
     root = tmp_path_factory.mktemp("pairs")
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
     lines = []
     for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
         chosen, rejected = ANSWERS[i % 4]
         lines.append(json.dumps({"image": f"images/{i}.png", "question": QUESTIONS[i % 4], "chosen": chosen,
                                  "rejected": rejected}))
@@ -42,299 +40,218 @@ def pairs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, pairs):
-    """A tiny base MLLM around a PIVOT-layout SigLIP tower (last block removed), saved by the trainer."""
-    root = tmp_path_factory.mktemp("base")
-    tower = toy.write_pivot(root / "tower")
-    mllm = tiny_mllm(texts_of(read_pairs(pairs)), encoder=str(tower))
-    return save_mllm(mllm, root / "ckpt", extra={"stage": "pretrain"})
+def qwen(tmp_path_factory):
+    """Qwen2-VL at its published geometry (14 px patches, 2x2 merge), tiny widths, with its processor."""
+    return toy.write_hf_mllm(tmp_path_factory.mktemp("qwen") / "qwen2_vl", "qwen2_vl", geometry="published",
+                             processor=True)
 
 
-def _first_batch(mllm, pairs, n=4):
-    from encoder_probe.pivot.data import PreferenceDataset, collate
-    dataset = PreferenceDataset(read_pairs(pairs), mllm.encoder.transform)
-    return collate([dataset[i] for i in range(n)])
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    return toy.write_hf_mllm(tmp_path_factory.mktemp("ov") / "ov", "llava_onevision", geometry="published",
+                             processor=True)
 
 
-# -- losses ---------------------------------------------------------------------------------------
-def test_dpo_loss_equals_hand_computation():
-    pc, pr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
-    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0])
-    out = dpo_loss(pc, pr, rc, rr, beta=0.1)
-    # rewards 0.1 * (policy - reference): chosen (0.05, -0.1), rejected (-0.05, 0.1); margins (0.1, -0.2)
-    assert torch.allclose(out["chosen_rewards"], torch.tensor([0.05, -0.1]))
-    assert torch.allclose(out["rejected_rewards"], torch.tensor([-0.05, 0.1]))
-    expected = (math.log1p(math.exp(-0.1)) + math.log1p(math.exp(0.2))) / 2
-    assert out["loss"].item() == pytest.approx(expected, abs=1e-6)
-    assert out["reward_accuracy"].item() == 0.5 and out["margin"].item() == pytest.approx(-0.05, abs=1e-6)
-    # sft_weight 0 (the default): an SFT loss handed in changes nothing
-    assert dpo_loss(pc, pr, rc, rr, sft_loss=torch.tensor(7.0))["loss"].item() == out["loss"].item()
-    assert dpo_loss(pc, pr, rc, rr, sft_loss=torch.tensor(2.0), sft_weight=0.5)["loss"].item() == \
-        pytest.approx(expected + 1.0, abs=1e-6)
-    with pytest.raises(ValueError):
-        dpo_loss(pc, pr, rc, rr, sft_weight=1.0)
+def _config(init, pairs, out, **kw):
+    values = dict(stage="dpo", init=str(init), out=str(out), data=str(pairs), batch_size=4, max_steps=2, lr=1e-3,
+                  vision_lr=2e-3, warmup_ratio=0.0, device="cpu", save_every=0, progress=False)
+    return TrainConfig(**{**values, **kw})
 
 
-def test_sft_loss_is_hf_causal_lm_loss_with_prompt_and_image_masked(base, pairs):
-    mllm = load_mllm(base).eval()
-    batch = _first_batch(mllm, pairs, 2)
-    tokens = mllm.image_tokens(batch["pixels"])
-    questions, answers = batch["question"], batch["chosen"]
-    ours = mllm.sft_loss(tokens, questions, answers)
-    embeds, attention, ids, answer = mllm._sequences(tokens, questions, answers)
-    labels = torch.cat([torch.full((2, tokens.shape[1]), -100), ids.masked_fill(~answer, -100)], dim=1)
-    reference = mllm.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
-    assert torch.allclose(ours, reference, atol=1e-6)
-    # answer tokens + eos only; padding does not change a record's log-prob
-    logp, count = mllm.answer_logprobs(tokens, questions, answers)
-    assert count.tolist() == [len(mllm.tokenizer.encode(a)) + 1 for a in answers]
-    alone = mllm.response_logprob(tokens[1:], questions[1:], answers[1:])
-    assert torch.allclose(logp[1:], alone, atol=1e-5)
+def _weights(path) -> dict:
+    return load_file(os.path.join(path, "model.safetensors"))
 
 
-# -- gradient flow ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_gradients_reach_the_tower_and_never_the_reference(base, pairs, kind):
-    policy = load_mllm(base).train()
-    reference = load_mllm(base).eval().requires_grad_(False) if kind == "dpo" else None
-    before = {k: v.clone() for k, v in reference.state_dict().items()} if reference else None
-    batch = _first_batch(policy, pairs)
-    objective = Objective(policy, kind, reference)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    for _ in range(2):  # the first DPO step has zero margin but a non-zero gradient
-        out = objective(batch["pixels"], batch["question"], batch["chosen"], batch["rejected"])
-        out["loss"].backward()
-        # every block and the patch embedding get gradients (post_layernorm is not on the path: LLaVA reads before it)
-        grads = [p.grad for n, p in policy.vision.named_parameters() if not n.startswith("post_layernorm")]
-        assert all(g is not None for g in grads) and all(g.abs().sum() > 0 for g in grads)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert "reference" not in dict(objective.named_children())
-    if reference is not None:
-        assert all(p.grad is None for p in reference.parameters())
-        assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+def _rows(run) -> list[dict]:
+    with open(os.path.join(run, "log.csv")) as f:
+        return list(csv.DictReader(f))
 
 
-def test_gradient_checkpointing_keeps_gradients(base, pairs):
-    grads = []
-    for checkpointing in (False, True):
-        policy = load_mllm(base).train()
-        if checkpointing:
-            policy.enable_gradient_checkpointing()
-        batch = _first_batch(policy, pairs)
-        policy.sft_loss(policy.image_tokens(batch["pixels"]), batch["question"], batch["chosen"]).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
-
-
-# -- a short run ----------------------------------------------------------------------------------
-def _dpo_eval(checkpoint, reference, pairs):
-    policy, ref = load_mllm(checkpoint).eval(), load_mllm(reference).eval()
-    batch = _first_batch(policy, pairs, 8)
+# -- the objective ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_trl_dpo_loss_is_the_pivot_formula_from_summed_response_logprobs(qwen, pairs, tmp_path, sft_weight):
+    """The loss TRL optimises on one batch = mean -logsigmoid(beta((pi_c - ref_c) - (pi_r - ref_r))) (+ w * the
+    chosen answers' token-mean NLL), with every log-prob summed over the response and computed apart, one
+    conversation at a time, by our own MLLM interface (prompt from the chat template, answer appended)."""
+    from encoder_probe.mllm.model import MLLM
+    from encoder_probe.pivot.data import read_pairs
+    config = _config(qwen, pairs, tmp_path / "run", batch_size=8, sft_weight=sft_weight, trainable=("vision", "projector", "lm"))
+    trainer, mllm = build_trainer(config, "dpo", str(qwen), tmp_path / "run", phase="dpo")
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy away from the reference, so the margins are not all zero
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
     with torch.no_grad():
-        return Objective(policy, "dpo", ref)(batch["pixels"], batch["question"], batch["chosen"], batch["rejected"])
+        loss = float(trainer.compute_loss(trainer.model, batch))
+    policy = MLLM(trainer.model, mllm.processor, family=mllm.family, path=qwen, template_from="checkpoint")
+    reference = load_mllm(qwen)
+    terms, nll, tokens = [], 0.0, 0
+    for r in read_pairs(pairs):
+        image = Image.open(r["image"]).convert("RGB")
+        c, rj = policy.example(image, r["question"], r["chosen"]), policy.example(image, r["question"], r["rejected"])
+        margin = (policy.answer_logprob(c) - reference.answer_logprob(c)) - \
+                 (policy.answer_logprob(rj) - reference.answer_logprob(rj))
+        terms.append(-torch.nn.functional.logsigmoid(torch.tensor(0.1 * margin, dtype=torch.float64)))
+        nll, tokens = nll - policy.answer_logprob(c), tokens + c.answer_tokens
+    expected = float(torch.stack(terms).mean()) + sft_weight * nll / tokens
+    assert abs(loss - expected) < 1e-4 * max(1.0, abs(expected)), (loss, expected)
+    assert abs(loss - np.log(2)) > 1e-3  # the perturbation made the check non-trivial
 
 
-def test_short_dpo_run_lowers_loss_and_raises_reward_accuracy(base, pairs, tmp_path):
-    before = _dpo_eval(base, base, pairs)
-    assert before["loss"].item() == pytest.approx(math.log(2), abs=1e-6) and before["reward_accuracy"] == 0
-    out = train(TrainConfig(stage="dpo", out=str(tmp_path / "dpo"), init=str(base), data=str(pairs), epochs=4,
-                            batch_size=4, lr=3e-3, snapshot_every=4, progress=False))
-    after = _dpo_eval(out, base, pairs)
-    assert after["loss"].item() < before["loss"].item() - 0.05
-    assert after["reward_accuracy"].item() >= 0.75 and after["margin"].item() > 0
-    with open(out / "log.csv") as f:
-        header, *rows = f.read().splitlines()
-    assert header.split(",")[:6] == ["step", "epoch", "phase", "lr", "loss", "reward_accuracy"] and len(rows) == 8
-    snapshot = np.load(out / "snapshots" / "step-0000008.npz")
-    assert snapshot["maps"].shape == (4, 4, 4) and (snapshot["maps"] > 0).all()
-    assert json.loads((out / "config.json").read_text())["stage"] == "dpo"
-
-
-# -- checkpoints and export -------------------------------------------------------------------------
-def test_checkpoint_load_encoder_and_llava_export_round_trip(base, pairs, tmp_path):
-    out = tmp_path / "sft"
-    assert cli(["train", "sft", "--init", str(base), "--data", str(pairs), "--batch-size", "4", "--lr", "1e-3",
-                "--out", str(out), "--export", "llava"]) == 0
-    mllm = load_mllm(out).eval()
-    pixels = _first_batch(mllm, pairs)["pixels"]
+def test_sft_loss_is_the_chosen_answers_token_mean_nll(qwen, pairs, tmp_path):
+    """SFT (the paper's control): TRL's loss = token-mean NLL of the chosen answers only (prompt and image masked)."""
+    from encoder_probe.pivot.data import read_pairs
+    config = _config(qwen, pairs, tmp_path / "run", stage="sft", batch_size=8, trainable=("vision", "projector", "lm"))
+    trainer, mllm = build_trainer(config, "sft", str(qwen), tmp_path / "run", phase="sft")
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
     with torch.no_grad():
-        tower = mllm.encoder.forward_tokens(pixels).patches
-        projected = mllm.image_tokens(pixels)
-        loaded = load_encoder(str(out))
-        assert loaded.source == "pivot" and is_mllm_checkpoint(out)
-        assert torch.equal(loaded.forward_tokens(pixels).patches, tower)
-        assert torch.equal(load_encoder(str(out), with_projector=True).forward_tokens(pixels).patches, projected)
-        assert not torch.equal(tower, load_encoder(str(base)).forward_tokens(pixels).patches)  # SFT moved the tower
-
-        llava = out / "llava"  # written by --export llava; `probe train export` is the same call
-        keys = load_file(llava / "model.safetensors").keys()
-        assert any(k.startswith("model.vision_tower.vision_tower.vision_model.encoder.layers.") for k in keys)
-        assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "lm_head.weight"} <= set(keys)
-        exported = load_encoder(str(llava), vision_config=str(llava / "vision_tower"),
-                                with_projector=True)
-        assert exported.source == "llava" and exported.preprocess == mllm.encoder.preprocess
-        assert torch.equal(exported.forward_tokens(pixels).patches, projected)
-    with pytest.raises(SpecError, match="already exists"):
-        export_llava(out, llava)
-    assert cli(["train", "export", str(out), "--out", str(tmp_path / "again")]) == 0
-    again = load_file(tmp_path / "again" / "model.safetensors")
-    assert all(torch.equal(v, again[k]) for k, v in load_file(llava / "model.safetensors").items())
+        loss = float(trainer.compute_loss(trainer.model, batch))
+    nll, tokens = 0.0, 0
+    for r in read_pairs(pairs):
+        example = mllm.example(Image.open(r["image"]).convert("RGB"), r["question"], r["chosen"])
+        nll, tokens = nll - mllm.answer_logprob(example), tokens + example.answer_tokens
+    assert abs(loss - nll / tokens) < 1e-4 * abs(loss), (loss, nll / tokens)
 
 
-def test_killed_run_resumes_to_the_same_weights(base, pairs, tmp_path):
-    config = dict(stage="sft", init=str(base), data=str(pairs), epochs=1, batch_size=2, lr=1e-3, save_every=2,
-                  progress=False)
-    straight = train(TrainConfig(out=str(tmp_path / "straight"), **config))
-
-    def kill(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=str(tmp_path / "killed"), **config), on_step=kill)
-    assert not (tmp_path / "killed" / "config.json").exists()  # no final model from a killed run
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-0000002"
-    resumed = train(TrainConfig(out=str(tmp_path / "killed"), **config))
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = (resumed / "log.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 5))
+# -- what trains ------------------------------------------------------------------------------------
+def test_dpo_moves_the_tower_and_never_the_reference(qwen, pairs, tmp_path):
+    config = _config(qwen, pairs, tmp_path / "run", trainable=("vision", "projector", "lm"))
+    trainer, _ = build_trainer(config, "dpo", str(qwen), tmp_path / "run", phase="dpo")
+    before = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.ref_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical, tower included
+    assert any(k.startswith("model.visual.blocks") for k in before)
+    moved = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, start[k])}
+    assert any(part_of(k) == "vision" and ".blocks." in k for k in moved)
+    assert any(part_of(k) == "projector" for k in moved) and any(part_of(k) == "lm" for k in moved)
 
 
-def test_transplant_keeps_the_refined_tower_frozen(base, pairs, tmp_path):
-    out = train(TrainConfig(stage="transplant", out=str(tmp_path / "t"), vision_from=str(base), data=str(pairs),
-                            batch_size=4, projector_epochs=1, epochs=1, lr=1e-3, progress=False))
-    new, old = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
-    vision = [k for k in new if k.startswith("vision.")]
-    assert vision and all(torch.equal(new[k], old[k]) for k in vision)
-    assert not torch.equal(new["projector.0.weight"], old["projector.0.weight"])  # a new projector
-    assert load_mllm(out).vision_spec["spec"] == str(base)
+def test_freeze_and_the_vision_learning_rate(qwen, pairs, tmp_path):
+    run = train(_config(qwen, pairs, tmp_path / "run", freeze=("lm",), vision_lr=5e-3, lr=1e-3))
+    start, end = _weights(qwen), _weights(run)
+    for key in start:
+        same = torch.equal(start[key], end[key])
+        assert same if part_of(key) == "lm" else True, key
+    assert not all(torch.equal(start[k], end[k]) for k in start if part_of(k) == "vision")
+    rows = _rows(run)
+    assert [float(r["lr/vision"]) / float(r["lr/projector"]) for r in rows] == pytest.approx([5.0] * len(rows))
+    assert all(r["lr/lm"] == "" for r in rows)  # no optimizer group for a frozen part
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert all(r[key] != "" for r in rows), key
+    recorded = json.loads((run / "pivot_train.json").read_text())
+    assert recorded["finished"] and recorded["config"]["sft_weight"] == 0.0 and recorded["config"]["beta"] == 0.1
 
 
-def test_pretrain_trains_the_projector_alone_first(pairs, tmp_path, toy_dir):
-    tower = toy_dir("pivot", toy.write_pivot)
-    config = dict(stage="pretrain", encoder=str(tower), data=str(pairs), batch_size=4, lr=1e-3, progress=False)
-    phase1 = train(TrainConfig(out=str(tmp_path / "p1"), projector_epochs=1, epochs=0, **config))
-    fresh = tiny_mllm(texts_of(read_pairs(pairs)), encoder=str(tower))
-    after = load_file(phase1 / "model.safetensors")
-    for name, value in fresh.state_dict().items():
-        assert torch.equal(after[name], value) != name.startswith("projector."), name
-    both = train(TrainConfig(out=str(tmp_path / "p2"), projector_epochs=1, epochs=1, **config))
-    rows = (both / "log.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[2] for r in rows] == ["projector"] * 2 + ["full"] * 2
+# -- real checkpoints in, real checkpoints out ------------------------------------------------------
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "pivot"])
+def test_probe_train_dpo_on_real_layouts_loads_everywhere(kind, qwen, onevision, pairs, tmp_path, capsys):
+    init = {"qwen2_vl": qwen, "llava_onevision": onevision}.get(kind) or toy.write_pivot_mllm(tmp_path / "pivot")
+    out = tmp_path / "dpo"
+    code = cli(["train", "dpo", "--init", str(init), "--out", str(out), "--data", str(pairs), "--batch-size", "4",
+                "--max-steps", "2", "--device", "cpu", "--lr", "1e-3", "--save-every", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert len(_rows(out)) == 2 and not (out / "checkpoints").exists()
+    mllm = load_mllm(out)
+    reference = load_mllm(init)
+    assert type(mllm.model) is type(reference.model)
+    assert mllm.processor.chat_template == reference.processor.chat_template
+    image = Image.new("RGB", (56, 40), (90, 30, 200))
+    example = mllm.example(image, QUESTIONS[0], "red")
+    assert example.inputs["input_ids"].tolist() == reference.example(image, QUESTIONS[0], "red").inputs["input_ids"].tolist()
+    encoder, before = load_encoder(str(out)), load_encoder(str(init))
+    pixels = encoder.transform(image)[None]
+    trained, start = encoder.forward_tokens(pixels).patches, before.forward_tokens(pixels).patches
+    assert trained.shape == start.shape and not torch.equal(trained, start)  # the tower moved
 
 
-# -- bad input ------------------------------------------------------------------------------------
+def test_a_killed_run_resumes_to_the_same_weights(qwen, pairs, tmp_path):
+    """kill -9 after step 3 (checkpoint at step 2), rerun: the weights equal an uninterrupted 6-step run's."""
+    script = (
+        "import os, signal, sys\n"
+        "from transformers import TrainerCallback\n"
+        "from encoder_probe.pivot.train import TrainConfig, train\n"
+        "class Kill(TrainerCallback):\n"
+        "    def on_step_end(self, args, state, control, **kw):\n"
+        "        if state.global_step == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"train(TrainConfig(stage='dpo', init={str(qwen)!r}, out=sys.argv[1], data={str(pairs)!r}, batch_size=4, "
+        "max_steps=6, lr=1e-3, warmup_ratio=0.0, device='cpu', save_every=2, progress=False), callbacks=[Kill()])\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), "3"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "a").name == "checkpoint-2" and not (tmp_path / "a" / "model.safetensors").exists()
+    for out in ("a", "b"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / out), "0"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert [r["step"] for r in _rows(tmp_path / "a")] == [str(i) for i in range(1, 7)]  # rows past step 2 rewritten
+    assert [r["loss"] for r in _rows(tmp_path / "a")] == [r["loss"] for r in _rows(tmp_path / "b")]
+
+
+def test_an_incomplete_checkpoint_is_not_resumed(tmp_path):
+    for step, complete in ((2, True), (4, False)):
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (tmp_path / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path, clean=True).name == "checkpoint-2"
+    assert not (tmp_path / "checkpoints" / "checkpoint-4").exists()
+
+
+def test_gradient_map_snapshots(qwen, pairs, tmp_path):
+    run = train(_config(qwen, pairs, tmp_path / "run", snapshot_every=1, snapshot_records=2))
+    snaps = sorted((run / "snapshots").glob("*.npz"))
+    assert [s.name for s in snaps] == ["step-0000000.npz", "step-0000001.npz", "step-0000002.npz"]
+    first, last = np.load(snaps[0]), np.load(snaps[-1])
+    grid = tuple(first["grids"][0])  # Qwen2-VL: 40x56 px -> resized to 56x56 -> 4x4 patches of 14 -> 2x2 merged
+    assert first["map_0"].shape == grid and np.isfinite(first["map_0"]).all() and (first["map_0"] > 0).any()
+    assert not np.allclose(first["map_0"], last["map_0"])  # the tower and LM moved between the snapshots
+
+
+# -- bad input --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
     ('{"image": "images/0.png", "question": "q", "chosen": "a"}', "missing or empty field(s) rejected"),
-    ('{"image": "images/nope.png", "question": "q", "chosen": "a", "rejected": "b"}', "does not exist"),
+    ('{"image": "images/none.png", "question": "q", "chosen": "a", "rejected": "b"}', "does not exist"),
 ])
-def test_bad_records_fail_in_one_line(pairs, tmp_path, line, message, capsys, base):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(pairs.read_text().splitlines()[0] + "\n" + line + "\n")
-    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_pairs(bad, image_root=pairs.parent)
-    assert cli(["train", "dpo", "--init", str(base), "--data", str(bad), "--image-root", str(pairs.parent),
-                "--out", str(tmp_path / "o")]) == 2
+def test_bad_records_fail_in_one_line_before_training(qwen, pairs, tmp_path, line, message, capsys):
+    bad = pairs.parent / f"bad-{abs(hash(line))}.jsonl"
+    bad.write_text(pairs.read_text() + line + "\n")
+    code = cli(["train", "dpo", "--init", str(qwen), "--out", str(tmp_path / "o"), "--data", str(bad), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and str(bad) in err and not (tmp_path / "o").exists()
-
-
-def test_stage_arguments_are_checked(tmp_path, pairs):
-    with pytest.raises(SpecError, match="not a PIVOT trainer checkpoint"):
-        train(TrainConfig(stage="dpo", out=str(tmp_path / "o"), init=str(tmp_path), data=str(pairs)))
-    with pytest.raises(SpecError, match="needs --vision-from"):
-        train(TrainConfig(stage="transplant", out=str(tmp_path / "o"), data=str(pairs)))
-    with pytest.raises(DataError, match="8 records, fewer than one batch"):
-        train(TrainConfig(stage="pretrain", out=str(tmp_path / "o"), data=str(pairs), batch_size=16))
+    assert code == 2 and message in err and str(bad) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
-# -- scale-out -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_unreadable_image_fails_before_training(qwen, pairs, tmp_path, capsys):
+    (pairs.parent / "images" / "broken.png").write_bytes(b"not a png")
+    bad = pairs.parent / "broken.jsonl"
+    bad.write_text(json.dumps({"image": "images/broken.png", "question": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    code = cli(["train", "sft", "--init", str(qwen), "--out", str(tmp_path / "o"), "--data", str(bad), "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreadable" in err and "broken.png" in err and not (tmp_path / "o").exists()
 
 
-def test_two_process_ddp_matches_one_process(base, pairs, tmp_path):
-    args = ["train", "dpo", "--init", str(base), "--data", str(pairs), "--batch-size", "4", "--max-steps", "2",
-            "--lr", "1e-3", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          "-m", "encoder_probe.cli", *args, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    single = train(TrainConfig(stage="dpo", out=str(tmp_path / "one"), init=str(base), data=str(pairs), batch_size=4,
-                               max_steps=2, lr=1e-3, device="cpu", progress=False))
-    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(single / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    base_state = load_file(base / "model.safetensors")
-    assert any(not torch.equal(a[k], base_state[k]) for k in a if k.startswith("vision."))
-
-
-def test_bf16_autocast_step_runs(base, pairs, tmp_path):
-    out = train(TrainConfig(stage="dpo", out=str(tmp_path / "bf16"), init=str(base), data=str(pairs), batch_size=4,
-                            max_steps=1, bf16=True, progress=False))
-    loss = float((out / "log.csv").read_text().splitlines()[1].split(",")[4])
-    assert math.isfinite(loss) and loss == pytest.approx(math.log(2), abs=0.05)
-    assert load_file(out / "model.safetensors")["projector.0.weight"].dtype == torch.float32
-
-
-def test_recorded_tower_specs_survive_a_change_of_directory(tmp_path, monkeypatch):
-    from encoder_probe.pivot.model import _vision_info
-    (tmp_path / "tower").mkdir()
-    (tmp_path / "w.safetensors").write_bytes(b"")
-    monkeypatch.chdir(tmp_path)
-    info = _vision_info("hf:tower", -2, {"vision_config": "tower"})
-    assert info == {"spec": f"hf:{tmp_path / 'tower'}", "layer": -2, "options": {"vision_config": str(tmp_path / "tower")}}
-    assert _vision_info("timm:vit_tiny_patch16_224@w.safetensors", None, {})["spec"] == \
-        f"timm:vit_tiny_patch16_224@{tmp_path / 'w.safetensors'}"
-    assert _vision_info("timm:test_vit", None, {})["spec"] == "timm:test_vit"
-
-
-def test_paper_config_is_the_papers_recipe(monkeypatch):
-    import importlib.util
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1] / "experiments" / "pivot"
-    spec = importlib.util.spec_from_file_location("pivot_run", root / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
-    for var in ("MMPR_JSONL", "MMPR_IMAGES", "RUNS"):
-        monkeypatch.delenv(var, raising=False)
-    with pytest.raises(SpecError, match="MMPR_IMAGES, MMPR_JSONL, RUNS"):
-        run.stage_config(root / "paper.json", "dpo")
-    monkeypatch.setenv("MMPR_JSONL", "/d/mmpr.jsonl")
-    monkeypatch.setenv("MMPR_IMAGES", "/d/images")
-    monkeypatch.setenv("RUNS", "/r")
-    dpo, sft = run.stage_config(root / "paper.json", "dpo"), run.stage_config(root / "paper.json", "sft")
-    assert (dpo.lr, sft.lr, dpo.epochs, dpo.batch_size, dpo.limit) == (1e-6, 5e-6, 3, 256, 20000)
-    assert (dpo.beta, dpo.sft_weight, dpo.init, dpo.data) == (0.1, 0.0, "/r/base", "/d/mmpr.jsonl")
-    base = run.stage_config(root / "paper.json", "pretrain", strict=False)
-    assert base.encoder == "hf:${SIGLIP2_DIR}" and base.encoder_layer == -2
-
-
-def test_a_local_hf_causal_lm_dir_with_its_tokenizer(base, pairs, tmp_path, toy_dir):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    from encoder_probe.pivot.model import build_mllm
-    words = sorted({w for t in texts_of(read_pairs(pairs)) for w in t.replace("?", " ?").split()})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", "\n", *words])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(r"\s+|\?|\n", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    lm_dir = tmp_path / "lm"
-    tokenizer.save_pretrained(lm_dir)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(lm_dir)
-    mllm = build_mllm(str(toy_dir("pivot", toy.write_pivot)), lm=str(lm_dir))
-    assert mllm.tokenizer.kind == "hf" and mllm.tokenizer.eos_id == vocab["<eos>"]
-    batch = _first_batch(mllm, pairs, 2)
-    with torch.no_grad():
-        loss = mllm.sft_loss(mllm.image_tokens(batch["pixels"]), batch["question"], batch["chosen"])
-        again = load_mllm(save_mllm(mllm, tmp_path / "ckpt"))
-        assert torch.equal(again.sft_loss(again.image_tokens(batch["pixels"]), batch["question"], batch["chosen"]), loss)
-    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+@pytest.mark.parametrize("argv, message", [
+    (["dpo", "--init", "/nonexistent/ckpt"], "--init /nonexistent/ckpt: no such file or directory"),
+    (["dpo", "--init", "QWEN", "--freeze", "vision,projector,lm"], "leaves nothing to train"),
+    (["dpo", "--init", "QWEN", "--freeze", "tower"], "--freeze tower: unknown part"),
+    (["dpo", "--init", "QWEN", "--beta", "0"], "--beta must be > 0"),
+    (["dpo", "--init", "QWEN", "--batch-size", "6", "--micro-batch-size", "4"], "does not divide"),
+    (["dpo", "--init", "NOTMLLM"], "is not an MLLM"),
+    (["dpo", "--init", "QWEN", "--export", "llava"], "LLaVA"),
+])
+def test_stage_arguments_are_checked(qwen, pairs, tmp_path, argv, message, capsys):
+    notmllm = toy.write_siglip_dir(tmp_path / "siglip")
+    argv = [{"QWEN": str(qwen), "NOTMLLM": str(notmllm)}.get(a, a) for a in argv]
+    code = cli(["train", *argv, "--out", str(tmp_path / "o"), "--data", str(pairs), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o" / "config.json").exists()

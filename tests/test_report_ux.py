@@ -160,13 +160,17 @@ def test_align_null_bar_and_short_specs(capsys):
 
 
 # -- 3. where a PIVOT checkpoint's weights come from ------------------------------------------------
-def test_pivot_checkpoint_names_its_weights_file_and_stage(tmp_path):
-    from encoder_probe.pivot.model import save_mllm, tiny_mllm
-    ckpt = save_mllm(tiny_mllm(["what colour is it", "red", "blue"]), tmp_path / "sft", extra={"stage": "sft"})
+def test_a_trained_mllm_names_its_stage_and_origin(tmp_path):
+    """A `probe train` output is a plain save_pretrained dir; its pivot_train.json says how it was made."""
+    import json
+
+    from encoder_probe import toy
+    ckpt = toy.write_hf_mllm(tmp_path / "sft", "qwen2_vl")
+    (ckpt / "pivot_train.json").write_text(json.dumps({"stage": "sft", "step": 40, "finished": True,
+                                                       "config": {"init": "/ckpts/base"}}))
     details = load_encoder(str(ckpt)).describe()
-    assert details["weights"] == f"{ckpt / 'model.safetensors'} (PIVOT trainer checkpoint, stage sft)"
-    assert details["tower"] == "timm:test_vit (timm adapter)" and details["stage"] == "sft"
-    assert load_encoder("timm:test_vit").describe()["weights"] == "random init"  # the tower alone still says so
+    assert details["stage"] == "sft" and details["trained"] == "probe train sft, 40 steps from /ckpts/base"
+    assert "stage" not in load_encoder(str(toy.write_hf_mllm(tmp_path / "plain", "qwen2_vl"))).describe()
 
 
 # -- 4. the pickle refusal, whole and on one line ---------------------------------------------------

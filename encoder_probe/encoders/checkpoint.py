@@ -238,3 +238,15 @@ def _align(state: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str,
 def _few(keys: list[str], n: int = 4) -> str:
     more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def training_details(path: Path) -> dict:
+    """What `probe train` recorded in a dir it wrote (``pivot_train.json``): stage, steps, init; else {}."""
+    try:
+        record = json.loads((Path(path) / "pivot_train.json").read_text())
+        config = record["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    origin = config.get("init") or config.get("vision_from") or config.get("vision")
+    return {"stage": record.get("stage"), "trained": f"probe train {record.get('stage')}, {record.get('step')} steps "
+                                                      f"from {origin}"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, SpecError
 from .base import LayerInfo
-from .checkpoint import CheckpointReader, load_into
+from .checkpoint import CheckpointReader, load_into, training_details
 from .hf_tower import HFTower, HFTowerEncoder, build_tower, load_config, preprocess_from_dir
 from .registry import read_config, register_source
 
@@ -87,7 +87,7 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
     details = {"architecture": f"{config.model_type} (tower {type(tower_model).__name__})",
                "vision_keys": vision_prefix + "*", "vision_shards": len(reader.files_for(
                    k for k in reader.keys() if k.startswith(vision_prefix))),
-               "preprocess_from": preprocess_from}
+               "preprocess_from": preprocess_from, **training_details(path)}
     full = _full_view(path, config, family, tower, reader, strategy) if view == "full" else {}
     if full:
         details["preprocess_from"] = full.pop("preprocess_from")

@@ -75,8 +75,9 @@ class TowerArch:
 
 
 def resolve_tower(path: Path, config: dict, reader: CheckpointReader, vision_config=None) -> TowerArch:
-    """The tower's weights and architecture: ``vision_config`` (a local dir), else the built-in table of
-    known towers by ``mm_vision_tower``, else the weights' shapes. One-line CheckpointError when the
+    """The tower's weights and architecture: ``vision_config`` (a local dir), else ``DIR/vision_tower``
+    when the dir ships its tower's config, else the built-in table of known towers by ``mm_vision_tower``,
+    else the weights' shapes. One-line CheckpointError when the
     tower is not in the weights or has more blocks than its architecture."""
     prefix = reader.first_prefix(VISION_PREFIXES)
     if prefix is None:
@@ -89,6 +90,8 @@ def resolve_tower(path: Path, config: dict, reader: CheckpointReader, vision_con
         raise CheckpointError(f"{path}: missing vision keys (no encoder layers or patch embedding under {prefix})")
 
     tower_id = config["mm_vision_tower"]
+    if vision_config is None and (path / "vision_tower" / "config.json").is_file():
+        vision_config = path / "vision_tower"  # the tower's own config beside the weights (`probe train --export llava`)
     if vision_config is not None:
         vcfg = vision_config_of(load_config(Path(vision_config)), vision_config)
         preprocess, _ = preprocess_from_dir(Path(vision_config), vcfg)

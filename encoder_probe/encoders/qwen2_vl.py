@@ -15,7 +15,7 @@ import torch
 
 from ..errors import CheckpointError, SpecError
 from .base import CLIP_MEAN, CLIP_STD, LayerInfo, Preprocess, Tokens, VisionEncoder
-from .checkpoint import CheckpointReader, load_into
+from .checkpoint import CheckpointReader, load_into, training_details
 from .hf_tower import load_config
 from .registry import read_config, register_source
 from .views import TokenLayout, View, single_view
@@ -187,5 +187,6 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
         layers=LayerInfo(depth, depth, depth, has_final=False, note="last block output = the merger's input"),
         layer=layer, with_projector=with_projector,
         details={"architecture": f"{config.model_type} ({cls.__name__})", "vision_keys": prefix + "*",
-                 "merge": f"{vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} merger", "preprocess_from": preprocess_from},
+                 "merge": f"{vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} merger", "preprocess_from": preprocess_from,
+                 **training_details(path)},
         view=view, **full)

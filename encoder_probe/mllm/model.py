@@ -274,8 +274,7 @@ def load_mllm(path, device=None, dtype=None, device_map=None):
 
     transformers dirs (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5-VL, InternVL) load as their own
     class with their own processor; a LLaVA-NeXT / PIVOT training dir (``mm_vision_tower``) is
-    converted in memory (:func:`encoder_probe.mllm.convert.convert_pivot`); a toy PIVOT trainer dir
-    loads as the trainer's MLLM. ``dtype`` ("bf16", torch.bfloat16, ...) and ``device_map``
+    converted in memory (:func:`encoder_probe.mllm.convert.convert_pivot`). ``dtype`` ("bf16", torch.bfloat16, ...) and ``device_map``
     ("auto", a dict: accelerate's offload) are passed to ``from_pretrained``.
     """
     from ..encoders.registry import parse_device, parse_dtype, read_config
@@ -284,9 +283,6 @@ def load_mllm(path, device=None, dtype=None, device_map=None):
     path = Path(path)
     config = read_config(path)
     dtype = parse_dtype(dtype)
-    if "pivot_mllm" in config:
-        from ..pivot.model import load_mllm as load_trainer_mllm
-        return load_trainer_mllm(path, device=device, dtype=dtype)
     if "mm_vision_tower" in config:
         from .convert import convert_pivot
         model, processor = convert_pivot(path, dtype=dtype)

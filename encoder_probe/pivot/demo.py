@@ -1,8 +1,9 @@
-"""The end of `probe demo`: what SFT and DPO do to a vision tower, on the built-in data, in ~2 minutes.
+"""The end of `probe demo`: what SFT and DPO do to a vision tower, on the built-in data, in about two minutes.
 
-demo VQA pairs -> tiny base MLLM (stage 1: projector, then everything) -> SFT and DPO from that
-same base on the same pairs (tower unfrozen) -> the probe suite on the base, SFT and DPO towers.
-Every stage is a resumable run dir, so a second `probe demo` reuses what the first one trained.
+demo VQA pairs -> a fresh tiny LLaVA-OneVision (SigLIP-style tower + Qwen2 LM with a real BPE tokenizer
+and chat template, `probe train pretrain`: projector, then everything) -> SFT and DPO from that same base on
+the same pairs (TRL, tower unfrozen) -> the probe suite on the base, SFT and DPO towers. The same code
+path as a 7B run; every stage is a resumable run dir, so a second `probe demo` reuses what the first trained.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from .. import toy
 from .data import demo_pairs
 from .train import TrainConfig, train
 
-# 64 px, patch 8: an 8x8 token grid the CPU trains in seconds; SigLIP-style (no CLS, mean 0.5)
+# 64 px tiles, patch 8: an 8x8 token grid per view the CPU trains in seconds; SigLIP-style (no CLS, mean 0.5)
 DEMO_TOWER = dict(image_size=64, patch_size=8, num_hidden_layers=3)
 DEMO_PAIRS = 128
-DEMO_SUITE = "imagenet,knn,gradcam"  # gradcam on a trainer checkpoint = the PIVOT map of the demo VQA records
+DEMO_SUITE = "imagenet,knn,gradcam"  # gradcam on an MLLM dir = PIVOT's map of the demo VQA records
 DEMO_PER_CLASS = 12  # images per class for the probes (the demo data has 40 train / 10 val)
-SHOWN = ("loss", "reward_accuracy", "margin")  # last training step of each run
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins")  # last training step of each run
 SUITE_SHOWN = ("top1", "top1@k=10", "pointing_game@gradient-norm", "energy_in_mask@gradient-norm")
 
 
@@ -29,17 +30,18 @@ def _last_row(run: Path) -> dict:
 
 
 def train_demo_models(out, *, pairs: int = DEMO_PAIRS, seed: int = 0, progress: bool = True) -> dict[str, Path]:
-    """Base (stage 1), SFT and DPO checkpoints under ``out``; returns {name: checkpoint dir}."""
+    """Base (stage 1), SFT and DPO run dirs under ``out``; returns {name: save_pretrained MLLM dir}."""
     out = Path(out)
-    tower = out / "tower"
+    tower, lm = out / "tower", out / "lm"
     if not (tower / "config.json").is_file():
         toy.write_siglip_dir(tower, seed=seed, **DEMO_TOWER)
-    data = str(demo_pairs("train"))
-    common = dict(data=data, limit=pairs, batch_size=8, seed=seed, progress=progress, warmup_ratio=0.0)
-    runs = {"base": TrainConfig(stage="pretrain", out=str(out / "base"), encoder=f"hf:{tower}", projector_epochs=1,
-                                epochs=1, lr=1e-3, **common)}
-    runs["sft"] = TrainConfig(stage="sft", out=str(out / "sft"), init=runs["base"].out, lr=1e-3, **common)
-    runs["dpo"] = TrainConfig(stage="dpo", out=str(out / "dpo"), init=runs["base"].out, lr=1e-3, beta=0.1, **common)
+    if not (lm / "config.json").is_file():
+        toy.write_lm_dir(lm, seed=seed)
+    common = dict(data=str(demo_pairs("train")), limit=pairs, batch_size=8, seed=seed, progress=progress,
+                  warmup_ratio=0.0, lr=1e-3, save_every=0)
+    runs = {"base": TrainConfig(stage="pretrain", out=str(out / "base"), vision=str(tower), lm=str(lm), **common)}
+    runs["sft"] = TrainConfig(stage="sft", out=str(out / "sft"), init=runs["base"].out, **common)
+    runs["dpo"] = TrainConfig(stage="dpo", out=str(out / "dpo"), init=runs["base"].out, beta=0.1, **common)
     return {name: train(config) for name, config in runs.items()}
 
 
@@ -47,13 +49,13 @@ def run_pivot_demo(out, cache=None, *, suite: str = DEMO_SUITE, pairs: int = DEM
     """Train the three models, run ``suite`` on their towers; returns {name: results dir}."""
     from ..runner import run_suite
     out = Path(out)
-    print(f"\nPIVOT in miniature: a tiny MLLM (SigLIP-style tower {DEMO_TOWER['image_size']} px, Qwen2-style LM) "
-          f"on {pairs} demo VQA preference pairs")
+    print(f"\nPIVOT in miniature: a tiny LLaVA-OneVision (SigLIP-style tower, {DEMO_TOWER['image_size']} px tiles; "
+          f"Qwen2 LM) trained with TRL on {pairs} demo VQA preference pairs")
     models = train_demo_models(out / "models", pairs=pairs)
-    print(f"  {'model':<6}{'stage':<10}" + "".join(f"{k:>16}" for k in SHOWN))
+    print(f"  {'model':<6}{'stage':<10}" + "".join(f"{k:>20}" for k in SHOWN))
     for name, run in models.items():
         row = _last_row(run)
-        cells = [f"{float(row[k]):>16.3f}" if row.get(k) else f"{'-':>16}" for k in SHOWN]
+        cells = [f"{float(row[k]):>20.3f}" if row.get(k) else f"{'-':>20}" for k in SHOWN]
         print(f"  {name:<6}{'pretrain' if name == 'base' else name:<10}" + "".join(cells))
     results = {}
     for name, run in models.items():
@@ -68,7 +70,7 @@ def run_pivot_demo(out, cache=None, *, suite: str = DEMO_SUITE, pairs: int = DEM
         values = {m: p["metrics"][m]["value"] for p in record["probes"].values() for m in p.get("metrics", {})}
         print(f"  {name:<6}" + "".join(f"{values[m]:>30.3f}" if m in values else f"{'-':>30}" for m in metrics))
     print("  (all metrics, with the other map methods, in the comparison report)")
-    print(f"\n  checkpoints in {out / 'models'} (probe inspect {models['dpo']}); results in {out / 'results'}")
+    print(f"\n  checkpoints in {out / 'models'} (probe inspect {models['dpo']} --mllm); results in {out / 'results'}")
     return results
 
 

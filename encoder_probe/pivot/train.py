@@ -1,386 +1,369 @@
-"""Training stages: pretrain (projector only, then full), SFT, DPO, transplant.
+"""PIVOT's post-training on TRL: SFT and DPO from a real MLLM checkpoint, the LLaVA recipe and transplant.
 
-One loop serves all of them; a stage only decides where the model comes from, what is trainable
-in each phase and which objective runs. Runs are resumable: every ``save_every`` steps a whole
-checkpoint (weights, optimizer, step) is built under a temporary name and renamed into
-``OUT/checkpoints/``; a rerun with the same ``out`` continues from the newest one, and the data
-order is a function of (seed, epoch), so a killed and resumed run ends with the same weights
-as one that never stopped. Under torchrun the global batch is split across ranks and gradients
-are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU).
+Every stage is TRL's own trainer (``SFTTrainer``, ``DPOTrainer``) on the checkpoint's transformers class
+with its own processor and chat template; accelerate does the scale-out (``accelerate launch`` or
+``torchrun``: DDP, FSDP2, DeepSpeed ZeRO). What this module adds is what PIVOT fixes and TRL leaves open:
+which parts train and at which learning rate (the vision tower has its own), the DPO objective exactly as
+the paper ran it (sigmoid, beta 0.1, summed response log-probs, the frozen ``--init`` as reference, SFT
+term weight 0 unless given), multi-phase stages, resumable run dirs and the per-step log.
+
+A run dir OUT ends as a ``save_pretrained`` dir of the same class (read by ``load_mllm``, ``load_encoder``
+and every probe) with ``pivot_train.json`` (the config, written last: the run is finished), ``log.csv``
+and ``snapshots/``. While it runs, ``OUT/checkpoints/checkpoint-N`` are the Trainer's checkpoints; a
+rerun with the same OUT resumes from the newest complete one (the data order is a function of the seed
+and the RNG state is restored, so a killed and resumed run ends with the same weights).
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
-import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
-
-from ..cache import atomic_dir, atomic_write_bytes, atomic_write_json
+from ..cache import atomic_write_json
 from ..errors import DataError, SpecError
-from .data import PreferenceDataset, collate, demo_pairs, read_pairs, texts_of
-from .losses import dpo_loss
-from .model import TINY_ENCODER, MLLM, build_mllm, is_mllm_checkpoint, load_mllm, read_mllm_config, save_mllm
+from .data import check_images, completion_dataset, demo_pairs, preference_dataset, read_pairs
 
 STAGES = ("pretrain", "sft", "dpo", "transplant")
-LOG_FIELDS = ("step", "epoch", "phase", "lr", "loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+PARTS = ("vision", "projector", "lm")
+FINISHED = "pivot_train.json"  # written last into a finished run dir
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on (saved in every checkpoint's config.json under "train")."""
+    """Everything a run depends on (saved in OUT/pivot_train.json)."""
 
     stage: str
     out: str
-    data: str | None = None  # JSONL of {image, question, chosen, rejected}; None = the demo pairs
+    init: str | None = None  # sft/dpo: any dir load_mllm reads (DPO: also the frozen reference)
+    vision: str | None = None  # pretrain: a vision-tower dir (or an MLLM dir: its tower)
+    lm: str | None = None  # pretrain/transplant: a causal-LM dir with its tokenizer
+    vision_from: str | None = None  # transplant: the MLLM whose refined tower is reused, frozen
+    kind: str = "llava_onevision"  # pretrain/transplant: the family of the fresh MLLM
+    vision_feature_layer: int | None = None  # pretrain/transplant: the tower layer the LM reads (default: family's)
+    data: str | None = None  # JSONL of {image, question, chosen, rejected}; None = the demo VQA pairs
     image_root: str | None = None
-    init: str | None = None  # sft/dpo: the checkpoint to start from (and DPO's frozen reference)
-    encoder: str = TINY_ENCODER  # pretrain: the tower spec of the fresh MLLM
-    encoder_layer: int | str | None = None  # the tower layer the LM reads (default: the loader's)
-    lm: str | None = None  # pretrain/transplant: a local HF causal-LM dir (default: tiny Qwen2 + word tokenizer)
-    vision_from: str | None = None  # transplant: the checkpoint whose refined tower is reused, frozen
-    epochs: int = 1
-    projector_epochs: int = 1  # pretrain/transplant: projector-only epochs before the full phase
-    max_steps: int | None = None  # stop after this many optimizer steps (all phases)
-    batch_size: int = 8  # pairs per optimizer step, over all ranks
-    micro_batch_size: int | None = None  # per forward pass (gradient accumulation); default: the rank's share
-    lr: float = 1e-4
+    limit: int | None = None  # use the first N records
+    epochs: float = 1.0
+    projector_epochs: float = 1.0  # pretrain/transplant: projector-only epochs first
+    max_steps: int | None = None  # stop each phase after N optimizer steps
+    batch_size: int = 8  # pairs per optimizer step over all processes (the effective batch)
+    micro_batch_size: int | None = None  # pairs per forward per process; the rest by gradient accumulation
+    lr: float = 1e-5  # projector and LM
     vision_lr: float | None = None  # the vision tower's own learning rate (default: lr)
+    freeze: tuple[str, ...] = ()  # parts kept frozen: vision, projector, lm
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    beta: float = 0.1
-    sft_weight: float = 0.0  # DPO: weight of an SFT term on the chosen answer (PIVOT: 0)
+    beta: float = 0.1  # DPO, sigmoid loss
+    sft_weight: float = 0.0  # DPO: weight of TRL's "sft" term on the chosen answers (PIVOT: 0)
     seed: int = 0
-    limit: int | None = None  # use the first N records
-    save_every: int = 0  # steps between resumable checkpoints (0: only the final model)
+    save_every: int = 50  # optimizer steps between resumable checkpoints (0: none)
     keep_checkpoints: int = 2
     snapshot_every: int = 0  # steps between gradient-map snapshots (0: none)
     snapshot_records: int = 4
     bf16: bool = False
     gradient_checkpointing: bool = False
-    device: str | None = None
+    deepspeed: str | None = None  # a DeepSpeed JSON config (optional extra)
+    device: str | None = None  # cpu, cuda, cuda:N (default: what accelerate picks)
+    dataloader_workers: int = 0
+    export: str | None = None  # "llava": also write OUT/llava in the LLaVA-NeXT / PIVOT layout
     progress: bool = True
+    trainable: tuple[str, ...] | None = field(default=None, repr=False)  # a phase's parts (set by the stage)
 
     def check(self) -> None:
         if self.stage not in STAGES:
             raise SpecError(f"unknown stage {self.stage!r}; choose {', '.join(STAGES)}")
-        if self.stage in ("sft", "dpo") and not self.init:
-            raise SpecError(f"train {self.stage} needs --init CKPT (the model to start from, e.g. a pretrain output)")
-        if self.stage == "transplant" and not self.vision_from:
-            raise SpecError("train transplant needs --vision-from CKPT (the checkpoint with the refined tower)")
-        for name in ("init", "vision_from"):
+        needs = {"sft": ("init",), "dpo": ("init",), "pretrain": ("vision", "lm"), "transplant": ("vision_from", "lm")}
+        for name in needs[self.stage]:
+            if not getattr(self, name):
+                raise SpecError(f"train {self.stage} needs --{name.replace('_', '-')} DIR")
+        for name in ("init", "vision", "lm", "vision_from", "deepspeed"):
             value = getattr(self, name)
-            if value and not is_mllm_checkpoint(value):
-                raise SpecError(f"--{name.replace('_', '-')} {value}: not a PIVOT trainer checkpoint "
-                                "(no config.json with 'pivot_mllm')")
-        if self.batch_size < 1 or self.epochs < 0 or self.projector_epochs < 0:
-            raise SpecError("batch_size must be >= 1 and epochs >= 0")
+            if value and not Path(value).exists():
+                raise SpecError(f"--{name.replace('_', '-')} {value}: no such file or directory")
+        unknown = [p for p in self.freeze if p not in PARTS]
+        if unknown:
+            raise SpecError(f"--freeze {','.join(unknown)}: unknown part; choose from {', '.join(PARTS)}")
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise SpecError("--batch-size and --micro-batch-size must be >= 1")
+        if self.epochs <= 0 or self.projector_epochs < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise SpecError("--epochs must be > 0, --projector-epochs >= 0 and --max-steps >= 1")
+        for name in ("lr", "vision_lr", "beta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise SpecError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.sft_weight < 0 or not 0 <= self.warmup_ratio < 1:
+            raise SpecError("--sft-weight must be >= 0 and --warmup-ratio in [0, 1)")
+        if self.export not in (None, "llava"):
+            raise SpecError(f"--export {self.export!r}: only 'llava' (the LLaVA-NeXT / PIVOT layout)")
 
 
-# -- distributed --------------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+# -- which parameters are which ---------------------------------------------------------------------
+def part_of(name: str) -> str:
+    """vision | projector | lm for a parameter name of any supported family (Qwen's merger is its projector)."""
+    dotted = f".{name}"
+    if ".multi_modal_projector." in dotted or ".merger." in dotted or name.endswith("image_newline"):
+        return "projector"
+    if ".vision_tower." in dotted or ".visual." in dotted:
+        return "vision"
+    return "lm"
 
 
-def _device(requested, world: int) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
-    return torch.device("cpu")
+def set_trainable(model, parts) -> dict[str, int]:
+    """requires_grad on exactly ``parts``; returns the parameter count of each part."""
+    counts = dict.fromkeys(PARTS, 0)
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        p.requires_grad_(part in parts)
+        counts[part] += p.numel()
+    if not counts["vision"] or not counts["projector"]:
+        raise SpecError(f"{type(model).__name__}: cannot tell its vision tower and projector apart "
+                        f"(parameters per part: {counts})")
+    return counts
 
 
-def _init_distributed(device: torch.device, world: int) -> None:
-    import torch.distributed as dist
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def _mixin(base):
+    """``base`` (a TRL trainer) with one AdamW group per trainable part, each with its own learning rate."""
+
+    class PivotTrainer(base):
+        part_lrs: dict = {}
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                model = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(model))
+                groups = {}
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        part = part_of(name)
+                        key = (part, name in decay)
+                        groups.setdefault(key, {"params": [], "lr": self.part_lrs[part], "part": part,
+                                                "weight_decay": self.args.weight_decay if key[1] else 0.0})
+                        groups[key]["params"].append(p)
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+                kwargs.pop("lr", None)
+                self.optimizer = cls(list(groups.values()), **kwargs)
+            return self.optimizer
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """The checkpoint's weights through the class's own loader. transformers 5 saves MLLMs with their
+            checkpoint key names (``save_original_format``) but the Trainer reloads them with
+            ``load_state_dict(strict=False)``, which silently keeps the initial weights (transformers#43701);
+            FSDP and DeepSpeed keep their own sharded formats and their own loaders."""
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            model = self.accelerator.unwrap_model(self.model if model is None else model)
+            saved = type(model).from_pretrained(resume_from_checkpoint, local_files_only=True, use_safetensors=True,
+                                                dtype=model.dtype)
+            model.load_state_dict(saved.state_dict(), strict=True)
+            del saved
+
+    PivotTrainer.__name__ = PivotTrainer.__qualname__ = f"Pivot{base.__name__}"
+    return PivotTrainer
 
 
-def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t)}
+# -- run dirs ---------------------------------------------------------------------------------------
+def is_finished(out) -> bool:
+    return (Path(out) / FINISHED).is_file()
 
 
-# -- objectives -----------------------------------------------------------------------------------
-class Objective(nn.Module):
-    """The loss of one micro-batch; the module DDP wraps (the reference is deliberately not a submodule)."""
-
-    def __init__(self, policy: MLLM, kind: str, reference: MLLM | None = None, beta: float = 0.1,
-                 sft_weight: float = 0.0):
-        super().__init__()
-        self.policy, self.kind, self.beta, self.sft_weight = policy, kind, beta, sft_weight
-        object.__setattr__(self, "reference", reference)
-
-    def forward(self, pixels, questions, chosen, rejected) -> dict:
-        tokens = self.policy.image_tokens(pixels)
-        if self.kind == "sft":
-            return {"loss": self.policy.sft_loss(tokens, questions, chosen)}
-        b = len(questions)
-        logp, count = self.policy.answer_logprobs(torch.cat([tokens, tokens]), questions * 2, chosen + rejected)
-        with torch.no_grad():
-            ref_tokens = self.reference.image_tokens(pixels)
-            ref = self.reference.response_logprob(torch.cat([ref_tokens, ref_tokens]), questions * 2, chosen + rejected)
-        sft = -logp[:b].sum() / count[:b].sum() if self.sft_weight else None
-        out = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta=self.beta, sft_loss=sft, sft_weight=self.sft_weight)
-        out["chosen_reward"], out["rejected_reward"] = out.pop("chosen_rewards").mean(), out.pop("rejected_rewards").mean()
-        return out
+def latest_checkpoint(out, clean: bool = False) -> Path | None:
+    """The newest complete Trainer checkpoint under OUT/checkpoints (trainer_state.json is written last);
+    ``clean``: remove the incomplete ones after it (a kill mid-save)."""
+    root = Path(out) / "checkpoints"
+    found = sorted((p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    while found and not (found[-1] / "trainer_state.json").is_file():
+        partial = found.pop()
+        if clean:
+            shutil.rmtree(partial, ignore_errors=True)
+    return found[-1] if found else None
 
 
-def _phases(config: TrainConfig) -> list[tuple[str, int, dict]]:
-    """(name, epochs, trainable parts) in order."""
-    full = dict(vision=True, projector=True, lm=True)
-    if config.stage == "pretrain":
-        return [("projector", config.projector_epochs, dict(vision=False, projector=True, lm=False)),
-                ("full", config.epochs, full)]
-    if config.stage == "transplant":  # the refined tower stays frozen throughout
-        return [("projector", config.projector_epochs, dict(vision=False, projector=True, lm=False)),
-                ("projector+lm", config.epochs, dict(vision=False, projector=True, lm=True))]
-    return [(config.stage, config.epochs, full)]
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def _build(config: TrainConfig, records, checkpoint: Path | None) -> tuple[MLLM, MLLM | None]:
-    if checkpoint is not None:  # resuming: the weights so far (optimizer and step are restored later)
-        policy = load_mllm(checkpoint)
-    elif config.stage in ("sft", "dpo"):
-        policy = load_mllm(config.init)
-    elif config.stage == "transplant":
-        policy = build_mllm(str(config.vision_from), lm=config.lm, texts=texts_of(records), seed=config.seed)
-    else:
-        policy = build_mllm(config.encoder, lm=config.lm, texts=texts_of(records), seed=config.seed,
-                            layer=config.encoder_layer)
-    reference = None
-    if config.stage == "dpo":
-        reference = load_mllm(config.init).eval().requires_grad_(False)
-    return policy, reference
+def _finish(trainer, out: Path, config: TrainConfig, mllm) -> None:
+    """The final save_pretrained dir (model, processor, chat template), then pivot_train.json last."""
+    import transformers
+
+    import trl
+    tmp = out / ".final"
+    trainer.save_model(str(tmp))  # every process: FSDP / ZeRO-3 gather the weights here
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return
+    if mllm.details.get("converted_from") or (Path(mllm.path) / "conversion.json").is_file():
+        # the PIL-backend processor of a converted PIVOT dir: say so, as `probe convert` does
+        (tmp / "conversion.json").write_text(json.dumps({"converted_from": str(Path(mllm.path).resolve()),
+                                                         "image_processor_backend": "pil"}, indent=2))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in pivot_train.json
+    for file in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+        os.replace(file, out / file.name)
+    tmp.rmdir()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    atomic_write_json(out / FINISHED, {"stage": config.stage, "config": asdict(config), "step": trainer.state.global_step,
+                                       "trl": trl.__version__, "transformers": transformers.__version__,
+                                       "finished": True})
 
 
-def _optimizer(policy: MLLM, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the vision tower in its own group (its own learning rate)."""
-    vision = list(policy.vision.parameters())
-    ids = {id(p) for p in vision}
-    rest = [p for p in policy.parameters() if id(p) not in ids]
-    groups = [{"params": vision, "lr": config.vision_lr if config.vision_lr is not None else config.lr, "name": "vision"},
-              {"params": rest, "lr": config.lr, "name": "projector+lm"}]
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-
-
-def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
-    """Linear warmup then cosine decay to 0 (the LLaVA / PIVOT schedule); ``step`` is 0-based."""
-    warmup = math.ceil(total * warmup_ratio)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-# -- checkpoints ------------------------------------------------------------------------------------
-def _latest(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
-
-
-def _save_checkpoint(out: Path, policy: MLLM, optimizer, step: int, config: TrainConfig) -> None:
-    name = f"step-{step:07d}"
-    root = out / "checkpoints"
-    if (root / name).exists():
-        shutil.rmtree(root / name)
-    with atomic_dir(root / name) as tmp:
-        save_mllm(policy, tmp, extra={"stage": config.stage, "train": asdict(config), "step": step})
-        buffer = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, buffer)
-        atomic_write_bytes(tmp / "optimizer.pt", buffer.getvalue())
-        atomic_write_json(tmp / "trainer_state.json", {"step": step})
-    atomic_write_bytes(root / "latest", name.encode())
-    for old in sorted(root.glob("step-*"))[:-max(1, config.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _restore(checkpoint: Path, optimizer) -> int:
-    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-
-
-def _write_snapshot(out: Path, policy: MLLM, records, transform, step: int, device) -> None:
-    """The PIVOT training hook: gradient maps of the chosen answers of a fixed set of records."""
-    batch = collate([PreferenceDataset(records, transform)[i] for i in range(len(records))])
-    was_training = policy.training
-    policy.eval()
-    maps = policy.gradient_map(batch["pixels"].to(device), batch["question"], batch["chosen"])
-    policy.train(was_training)
-    policy.zero_grad(set_to_none=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, maps=maps.detach().float().cpu().numpy(), step=step, images=np.array(batch["image"]),
-             questions=np.array(batch["question"]), answers=np.array(batch["chosen"]))
-    atomic_write_bytes(out / "snapshots" / f"step-{step:07d}.npz", buffer.getvalue())
-
-
-class _Log:
-    """The per-step CSV log; on resume, rows past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        rows = []
-        if resume_step and path.is_file():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_bytes(path, text.getvalue().encode())
-        self.file = path.open("a", newline="")
-        self.writer = csv.DictWriter(self.file, LOG_FIELDS)
-
-    def write(self, row: dict) -> None:
-        self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-# -- the loop -----------------------------------------------------------------------------------
-def train(config: TrainConfig, *, on_step=None) -> Path:
-    """Run one stage; returns ``config.out``, a checkpoint directory that ``load_encoder`` reads.
-
-    ``on_step(step, metrics)`` is called after every optimizer step (tests use it to kill a run).
-    """
-    config.check()
-    out = Path(config.out)
-    if is_mllm_checkpoint(out) and read_mllm_config(out).get("finished"):
-        print(f"{out}: already trained ({read_mllm_config(out).get('stage')}); nothing to do")
-        return out
-    rank, world = _world()
-    device = _device(config.device, world)
-    _init_distributed(device, world)
+# -- one phase: a TRL trainer from a checkpoint dir ------------------------------------------------------
+def _batches(config: TrainConfig) -> tuple[int, int]:
+    """(per-process micro batch, gradient accumulation steps) for the effective batch over all processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.batch_size % world:
-        raise SpecError(f"batch_size {config.batch_size} does not split over {world} ranks")
-
-    records = read_pairs(config.data or demo_pairs("train"), config.image_root, config.limit,
-                         need_rejected=config.stage == "dpo")
-    if len(records) < config.batch_size:
-        raise DataError(f"{config.data or demo_pairs('train')}: {len(records)} records, fewer than one batch "
-                        f"({config.batch_size} pairs per step)")
-    checkpoint = _latest(out)
-    policy, reference = _build(config, records, checkpoint)
-    policy.to(device).train()
-    if reference is not None:
-        reference.to(device)
-    if config.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    optimizer = _optimizer(policy, config)
-    start = _restore(checkpoint, optimizer) if checkpoint is not None else 0
-    if checkpoint is not None and rank == 0:
-        print(f"resuming {config.stage} from {checkpoint} (step {start})")
-
-    dataset = PreferenceDataset(records, policy.encoder.transform)
-    per_epoch = max(1, len(records) // config.batch_size)  # the last partial batch is dropped
-    phases = [(name, epochs, parts) for name, epochs, parts in _phases(config) if epochs > 0]
-    schedule = [(name, parts, epoch) for name, epochs, parts in phases for epoch in range(epochs)]
-    total = len(schedule) * per_epoch
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+        raise SpecError(f"--batch-size {config.batch_size} does not split over {world} processes")
     share = config.batch_size // world
     micro = min(config.micro_batch_size or share, share)
-    kind = "dpo" if config.stage == "dpo" else "sft"
-    snapshot_set = records[:config.snapshot_records]
+    if share % micro:
+        raise SpecError(f"--micro-batch-size {micro} does not divide the per-process batch {share}")
+    return micro, share // micro
 
+
+def _records(config: TrainConfig, need_rejected: bool) -> list[dict]:
+    source = config.data or demo_pairs("train")
+    records = read_pairs(source, config.image_root, config.limit, need_rejected=need_rejected)
+    check_images(records, source)
+    if len(records) < config.batch_size:
+        raise DataError(f"{source}: {len(records)} records, fewer than one batch ({config.batch_size} pairs per step)")
+    return records
+
+
+def _place_device(config: TrainConfig) -> dict:
+    if config.device is None:
+        return {}
+    if config.device == "cpu":
+        return {"use_cpu": True}
+    import torch
+    if not config.device.startswith("cuda") or not torch.cuda.is_available():
+        raise SpecError(f"--device {config.device}: not available here (cpu, cuda or cuda:N with a GPU)")
+    if ":" in config.device:  # one process on a chosen GPU: accelerate uses the current device
+        torch.cuda.set_device(torch.device(config.device))
+    return {}
+
+
+def build_trainer(config: TrainConfig, objective: str, init: str, out: Path, *, phase: str, callbacks=()):
+    """TRL's trainer for ``init`` with ``objective`` (sft | dpo) on ``config.trainable``, writing into the run
+    dir ``out``; returns (trainer, the loaded MLLM)."""
+    import trl
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..mllm.model import load_mllm
+    from .callbacks import Bar, CSVLog, GradientMaps
+
+    records = _records(config, need_rejected=objective == "dpo")
+    micro, accumulate = _batches(config)
+    device_args = _place_device(config)
+    mllm = load_mllm(init)
+    model = mllm.model
+    counts = set_trainable(model, config.trainable)
+    model.train()
+    common = dict(output_dir=str(out / "checkpoints"), per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=accumulate, num_train_epochs=config.epochs,
+                  max_steps=config.max_steps or -1, learning_rate=config.lr, weight_decay=config.weight_decay,
+                  warmup_steps=config.warmup_ratio, lr_scheduler_type="cosine", max_grad_norm=config.max_grad_norm,
+                  logging_steps=1, save_strategy="steps" if config.save_every else "no",
+                  save_steps=config.save_every or 500, save_total_limit=config.keep_checkpoints, seed=config.seed,
+                  data_seed=config.seed, bf16=config.bf16, activation_checkpointing=config.gradient_checkpointing,
+                  report_to=[], disable_tqdm=True, deepspeed=config.deepspeed, max_length=None,
+                  dataloader_num_workers=config.dataloader_workers, ddp_find_unused_parameters=True,
+                  dataloader_pin_memory=_on_gpu(config),
+                  **device_args)
+    if objective == "dpo":
+        losses, weights = ["sigmoid"], [1.0]
+        if config.sft_weight:  # TRL's "sft" term: token-mean NLL of the chosen answers
+            losses, weights = ["sigmoid", "sft"], [1.0, config.sft_weight]
+        args = trl.DPOConfig(beta=config.beta, loss_type=losses, loss_weights=weights, **common)
+        reference = load_mllm(init).model.eval().requires_grad_(False)  # the --init model, its tower included
+        trainer = _mixin(trl.DPOTrainer)(model=model, ref_model=reference, args=args,
+                                         train_dataset=preference_dataset(records), processing_class=mllm.processor)
+    else:
+        args = trl.SFTConfig(completion_only_loss=True, **common)
+        trainer = _mixin(trl.SFTTrainer)(model=model, args=args, train_dataset=completion_dataset(records),
+                                         processing_class=mllm.processor)
+    trainer.part_lrs = {"vision": config.vision_lr or config.lr, "projector": config.lr, "lm": config.lr}
+    for default in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(default)
     out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "log.csv", start) if rank == 0 else None
-    bar = tqdm(total=total, initial=start, desc=f"train {config.stage}", unit="step",
-               disable=rank != 0 or not config.progress)
-    model, current = None, None
-    step = start
-    try:
-        while step < total:
-            epoch_index, in_epoch = divmod(step, per_epoch)
-            phase, parts, epoch = schedule[epoch_index]
-            if phase != current:  # (re)wrap for the phase's trainable set
-                policy.set_trainable(**parts)
-                objective = Objective(policy, kind, reference, config.beta, config.sft_weight)
-                if world > 1:
-                    from torch.nn.parallel import DistributedDataParallel
-                    # towers carry parameters off the read path (a classifier head, a final norm LLaVA skips)
-                    model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=True)
-                else:
-                    model = objective
-                current = phase
-            if config.snapshot_every and step % config.snapshot_every == 0 and rank == 0:
-                _write_snapshot(out, policy, snapshot_set, policy.encoder.transform, step, device)
-            indices = _order(len(records), config.seed, epoch_index)[in_epoch * config.batch_size:
-                                                                      (in_epoch + 1) * config.batch_size]
-            mine = indices[rank * share:(rank + 1) * share]
-            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-            sums: dict[str, float] = {}
-            for i, chunk in enumerate(chunks):
-                batch = collate([dataset[int(j)] for j in chunk])
-                sync = model.no_sync() if world > 1 and i < len(chunks) - 1 else contextlib.nullcontext()
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    result = model(batch["pixels"].to(device), batch["question"], batch["chosen"], batch["rejected"])
-                weight = len(chunk) / len(mine)
-                (result["loss"] * weight).backward()
-                for k, v in result.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * weight
-            factor = lr_factor(step, total, config.warmup_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics = _all_mean(sums, world)
-            if rank == 0:
-                log.write({"step": step, "epoch": epoch_index + 1, "phase": phase, "lr": optimizer.param_groups[1]["lr"],
-                           **{k: f"{v:.6g}" for k, v in metrics.items()}})
-                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "reward_accuracy", "margin")})
-                bar.update()
-            if config.save_every and step % config.save_every == 0 and step < total and rank == 0:
-                _save_checkpoint(out, policy, optimizer, step, config)
-            if world > 1:
-                torch.distributed.barrier()
-            if on_step is not None:
-                on_step(step, metrics)
-        if config.snapshot_every and rank == 0:
-            _write_snapshot(out, policy, snapshot_set, policy.encoder.transform, step, device)
-        if rank == 0:
-            save_mllm(policy, out, extra={"stage": config.stage, "train": asdict(config), "step": step,
-                                          "finished": True})
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    trainer.add_callback(CSVLog(out / "log.csv", phase))
+    trainer.add_callback(Bar(f"train {phase}", enabled=config.progress))
+    if config.snapshot_every:
+        trainer.add_callback(GradientMaps(out / "snapshots", records[:config.snapshot_records], mllm.processor,
+                                          mllm.family, config.snapshot_every))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    if _main_process():
+        trained = ", ".join(f"{p} {counts[p] / 1e6:.2f}M" for p in config.trainable)
+        print(f"{phase}: {type(model).__name__} from {init}; training {trained}; "
+              f"{config.batch_size} pairs per step ({micro} x {accumulate} accumulated per process)")
+    return trainer, mllm
+
+
+def _on_gpu(config: TrainConfig) -> bool:
+    import torch
+    return torch.cuda.is_available() and config.device != "cpu"
+
+
+def run_phase(config: TrainConfig, objective: str, init: str, out: Path, *, phase: str, callbacks=()) -> Path:
+    """Train one phase into the run dir ``out``, resuming from its newest checkpoint; a finished dir is kept."""
+    if is_finished(out):
+        print(f"{out}: already trained ({phase}); nothing to do")
+        return out
+    trainer, mllm = build_trainer(config, objective, init, out, phase=phase, callbacks=callbacks)
+    checkpoint = latest_checkpoint(out, clean=_main_process())
+    if checkpoint is not None and _main_process():
+        print(f"{phase}: resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _finish(trainer, out, config, mllm)
     return out
 
 
+# -- stages -----------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, callbacks=()) -> Path:
+    """Run one stage into ``config.out``; returns the finished run dir (a save_pretrained MLLM dir)."""
+    config.check()
+    out = Path(config.out)
+    if config.export:
+        from .export import check_exportable
+        if config.init:
+            check_exportable(config.init)
+    if config.stage in ("sft", "dpo"):
+        result = run_phase(replace(config, trainable=_trainable(PARTS, config.freeze)), config.stage, config.init, out, phase=config.stage,
+                           callbacks=callbacks)
+    else:
+        from .compose import compose_mllm
+        from accelerate import PartialState
+
+        from ..cache import atomic_dir
+        fresh = out / "phases" / "fresh"  # the composed MLLM, saved once: every phase starts from a dir
+        with PartialState().main_process_first():
+            if not (fresh / "config.json").is_file():
+                model, processor = compose_mllm(config.vision_from or config.vision, config.lm, kind=config.kind,
+                                                vision_feature_layer=config.vision_feature_layer, seed=config.seed)
+                with atomic_dir(fresh) as tmp:
+                    model.save_pretrained(tmp)
+                    processor.save_pretrained(tmp)
+        init = str(fresh)
+        if config.projector_epochs:
+            projector = out / "phases" / "projector"
+            run_phase(replace(config, trainable=("projector",), epochs=config.projector_epochs), "sft", init,
+                      projector, phase="projector", callbacks=callbacks)
+            init = str(projector)
+        second = ("projector", "lm") if config.stage == "transplant" else PARTS  # the refined tower stays frozen
+        phase = "full" if config.stage == "pretrain" else "projector+lm"
+        result = run_phase(replace(config, trainable=_trainable(second, config.freeze)), "sft", init, out,
+                           phase=phase, callbacks=callbacks)
+    if config.export == "llava" and _main_process() and not (out / "llava").exists():
+        from .export import export_llava
+        export_llava(out, out / "llava")
+    return result
+
+
+def _trainable(parts, frozen) -> tuple[str, ...]:
+    kept = tuple(p for p in parts if p not in frozen)
+    if not kept:
+        raise SpecError(f"--freeze {','.join(frozen)} leaves nothing to train (this phase trains {', '.join(parts)})")
+    return kept

@@ -255,3 +255,78 @@ def test_stage_arguments_are_checked(qwen, pairs, tmp_path, argv, message, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+# -- the LLaVA recipe and PIVOT's evaluation setting ------------------------------------------------
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A plain SigLIP tower dir and a Qwen2 LM dir with its chat tokenizer (what pretrain starts from)."""
+    root = tmp_path_factory.mktemp("parts")
+    return toy.write_siglip_dir(root / "tower", image_size=64, patch_size=8), toy.write_lm_dir(root / "lm")
+
+
+def _by_part(path) -> dict[str, dict]:
+    from encoder_probe.mllm.model import load_mllm as load
+    state = load(path).model.state_dict()
+    out = {"vision": {}, "projector": {}, "lm": {}}
+    for k, v in state.items():
+        out[part_of(k)][k] = v
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_trains_the_projector_alone_then_everything(parts, pairs, tmp_path):
+    tower, lm = parts
+    run = train(TrainConfig(stage="pretrain", vision=str(tower), lm=str(lm), out=str(tmp_path / "base"),
+                            data=str(pairs), batch_size=4, max_steps=2, lr=1e-3, warmup_ratio=0.0, device="cpu",
+                            save_every=0, progress=False))
+    fresh, first, final = (_by_part(p) for p in (run / "phases" / "fresh", run / "phases" / "projector", run))
+    assert _same(fresh["vision"], first["vision"]) and _same(fresh["lm"], first["lm"])  # phase 1: projector only
+    assert not _same(fresh["projector"], first["projector"])
+    assert not _same(first["vision"], final["vision"]) and not _same(first["lm"], final["lm"])  # then everything
+    assert [r["phase"] for r in _rows(run)] == ["full", "full"]
+    assert [r["phase"] for r in _rows(run / "phases" / "projector")] == ["projector", "projector"]
+    assert load_mllm(run).config.model_type == "llava_onevision" and load_encoder(str(run)).source == "hf-mllm"
+
+
+def test_transplant_keeps_the_refined_tower_frozen(parts, onevision, pairs, tmp_path):
+    """PIVOT's evaluation setting: the refined tower, frozen, in a fresh MLLM with a new projector."""
+    _, lm = parts
+    run = train(TrainConfig(stage="transplant", vision_from=str(onevision), lm=str(lm), out=str(tmp_path / "t"),
+                            data=str(pairs), batch_size=4, max_steps=1, lr=1e-3, warmup_ratio=0.0, device="cpu",
+                            save_every=0, progress=False))
+    source, final = _by_part(onevision), _by_part(run)
+    tower = {k.replace("model.vision_tower.", ""): v for k, v in final["vision"].items()}
+    refined = {k.replace("model.vision_tower.", ""): v for k, v in source["vision"].items()}
+    assert all(torch.equal(tower[k], refined[k]) for k in tower)  # bit-identical after both phases
+    assert not _same(_by_part(run / "phases" / "fresh")["lm"], final["lm"])  # the LM did train in phase 2
+    assert load_mllm(run).config.vision_feature_layer == load_mllm(onevision).config.vision_feature_layer
+
+
+def test_export_llava_writes_the_pivot_layout_of_the_trained_model(onevision, pairs, tmp_path):
+    from encoder_probe.mllm.model import MLLM
+    run = train(_config(onevision, pairs, tmp_path / "dpo", max_steps=1, export="llava"))
+    assert json.loads((run / "llava" / "config.json").read_text())["mm_vision_tower"]
+    trained, exported = load_mllm(run), load_mllm(run / "llava")  # the export converts back in memory
+    assert isinstance(exported, MLLM) and exported.details.get("converted_from")
+    image = Image.new("RGB", (56, 40), (200, 120, 10))
+    example = trained.example(image, QUESTIONS[1], "3")
+    assert exported.answer_logprob(example) == pytest.approx(trained.answer_logprob(example), abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_5_vl", "internvl"])
+def test_every_family_trains_its_tower_with_its_own_processor(kind, pairs, tmp_path):
+    """One DPO step on each remaining family at its published geometry (CLIP-L/14-336 LLaVA, NeXT anyres
+    pinpoints, Qwen2.5-VL windows, InternVL 448 px tiles + pixel shuffle): the tower moves, the reference not."""
+    init = toy.write_hf_mllm(tmp_path / kind, kind, geometry="published", processor=True)
+    config = _config(init, pairs, tmp_path / "run", max_steps=1, batch_size=2, limit=2,
+                     trainable=("vision", "projector", "lm"))
+    trainer, _ = build_trainer(config, "dpo", str(init), tmp_path / "run", phase="dpo")
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items() if part_of(k) == "vision"}
+    reference = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(v, start[k]) for k, v in trainer.model.state_dict().items() if k in start)
+    assert all(torch.equal(v, reference[k]) for k, v in trainer.ref_model.state_dict().items())

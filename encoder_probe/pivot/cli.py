@@ -31,9 +31,10 @@ def _common(p) -> None:
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between gradient-map snapshots (0: none)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    p.add_argument("--deepspeed", help="a DeepSpeed JSON config (experiments/pivot/zero2.json, zero3.json)")
+    p.add_argument("--deepspeed", help="a DeepSpeed JSON config, e.g. experiments/pivot/zero3.json (default: none, "
+                   "plain DDP / what accelerate launch configured)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: what accelerate picks)")
-    p.add_argument("--export", choices=["llava"], help="also write OUT/llava in the LLaVA-NeXT / PIVOT layout")
+    p.add_argument("--export", choices=["llava"], help="also write OUT/llava in the LLaVA-NeXT / PIVOT layout (default: no export)")
 
 
 def add_train_parser(subparsers) -> None:
@@ -58,7 +59,8 @@ def add_train_parser(subparsers) -> None:
             p.add_argument("--lm", required=True, help="a causal-LM dir with its tokenizer (e.g. Qwen2.5-1.5B-Instruct)")
             p.add_argument("--kind", default="llava_onevision", choices=["llava_onevision", "llava"],
                            help="family of the fresh MLLM (default llava_onevision, PIVOT's)")
-            p.add_argument("--vision-feature-layer", type=int, help="tower layer the LM reads (default: the family's)")
+            p.add_argument("--vision-feature-layer", type=int, help="tower layer the LM reads (default: -2 for a tower "
+                           "dir, LLaVA's choice; the layer the MLLM read for an MLLM dir)")
             p.add_argument("--projector-epochs", type=float, default=1.0, help="projector-only epochs first (default 1)")
         p.set_defaults(func=cmd_train)
     p = stages.add_parser("export", help="write a trained MLLM dir in the LLaVA-NeXT / PIVOT layout")

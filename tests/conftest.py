@@ -100,6 +100,14 @@ def assert_one_line_error(proc, message):
     assert proc.stderr.rstrip().endswith(errors[0].split("probe: error", 1)[1])  # and it is the last word
 
 
+def assert_one_line(excinfo, *parts):
+    """A raised error's message is one line that names every one of ``parts``."""
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for part in parts:
+        assert str(part) in message, message
+
+
 @pytest.fixture
 def cache_env(tmp_path, monkeypatch):
     """Generated data and features go to a per-test cache, never ~/.cache."""

@@ -12,6 +12,7 @@ from encoder_probe import toy
 from encoder_probe.errors import CheckpointError, SpecError
 from encoder_probe.mllm.model import MLLM, chatml_template, load_mllm
 from encoder_probe.pivot.compose import compose_mllm
+from conftest import assert_one_line
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 TEXT_ONLY = ("{% for m in messages %}<|im_start|>{{ m['role'] + '\\n' + m['content'] }}<|im_end|>\n{% endfor %}"
@@ -188,13 +189,6 @@ def test_transplant_from_a_pivot_training_dir(tmp_path):
     assert_same_tower(model.model.vision_tower, converted.model.vision_tower)
 
 
-def one_line(excinfo, *needles):
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert str(needle) in message, message
-
-
 def test_bad_inputs_are_one_line_errors(dirs, tmp_path):
     (tmp_path / "empty").mkdir()
     no_tokenizer = tmp_path / "no_tokenizer"
@@ -219,7 +213,7 @@ def test_bad_inputs_are_one_line_errors(dirs, tmp_path):
         kwargs = {"vision": dirs["siglip"], "lm": dirs["lm"], **kwargs}
         with pytest.raises(error) as excinfo:
             compose_mllm(**kwargs)
-        one_line(excinfo, *needles)
+        assert_one_line(excinfo, *needles)
     assert json.loads((dirs["lm"] / "config.json").read_text())["model_type"] == "qwen2"  # nothing written
 
 

@@ -17,6 +17,7 @@ from encoder_probe.errors import CheckpointError, EncoderProbeError, SpecError
 from encoder_probe.mllm.convert import convert_pivot, save_converted
 from encoder_probe.mllm.model import MLLM, load_mllm
 from encoder_probe.pivot.export import TOWER_DIR, VISION_PREFIX, _plan, check_exportable, export_llava
+from conftest import assert_one_line
 
 QUESTION, ANSWER = "What is in the image?", "A red square."
 IMAGE = Image.fromarray((np.random.default_rng(0).random((300, 500, 3)) * 255).astype("uint8"))  # wide: 500x300
@@ -206,19 +207,12 @@ def test_known_towers_are_named_by_hub_id():
 
 
 # -- refusals: one line naming the path, nothing written --------------------------------------------
-def one_line(excinfo, *parts):
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for part in parts:
-        assert str(part) in message, message
-
-
 def test_existing_out_is_refused_before_any_work(dirs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(SpecError) as e:
         export_llava(tmp_path / "no-such-dir", out)  # out is checked first: the source is never read
-    one_line(e, out, "already exists")
+    assert_one_line(e, out, "already exists")
 
 
 def test_refusals(dirs, tmp_path):
@@ -235,11 +229,11 @@ def test_refusals(dirs, tmp_path):
     for i, (path, error, what) in enumerate(cases):
         with pytest.raises(error) as e:
             check_exportable(path)
-        one_line(e, path, what)
+        assert_one_line(e, path, what)
         out = tmp_path / f"out{i}"
         with pytest.raises(EncoderProbeError) as e:
             export_llava(path, out)
-        one_line(e, path, what)
+        assert_one_line(e, path, what)
         assert not out.exists() and not list(tmp_path.glob(f".out{i}.*"))
     for path in dirs.values():
         check_exportable(path)

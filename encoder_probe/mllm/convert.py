@@ -103,7 +103,7 @@ def convert_pivot(path, *, vision_config=None, dtype=None):
     arch = resolve_tower(path, config, reader, vision_config)
     vision, layer, strategy = _vision_config(where, config, arch)
     tokens = (IMAGE_TOKEN, VIDEO_TOKEN) if family == "llava_onevision" else (IMAGE_TOKEN,)
-    tokenizer, token_ids = _tokenizer(path, config, tokens)
+    tokenizer, token_ids = image_tokenizer(path, config, tokens)
     text = _text_config(where, config)
 
     state = {f"model.vision_tower.{k}": v for k, v in arch.state.items()}
@@ -149,7 +149,7 @@ def convert_pivot(path, *, vision_config=None, dtype=None):
             **common, video_token_id=token_ids[VIDEO_TOKEN], vision_aspect_ratio=config["image_aspect_ratio"],
             image_grid_pinpoints=_pinpoints(where, config, arch))
     _check_keys(path, cls, hf_config, state)
-    with _quiet():
+    with quiet():
         model = cls.from_pretrained(None, config=hf_config, state_dict=state,
                                     **({"dtype": dtype} if dtype is not None else {}))
     model.eval()
@@ -202,16 +202,21 @@ def save_converted(path, out, *, vision_config=None) -> Path:
     if out.exists() or out.is_symlink():
         raise SpecError(f"--out {out}: already exists; convert writes a new directory")
     model, processor = convert_pivot(path, vision_config=vision_config)
-    with atomic_dir(out) as tmp, _quiet():
+    with atomic_dir(out) as tmp, quiet():
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        # save_pretrained does not record the PIL backend, the pixel-exact one: load_mllm reads it here
-        (tmp / CONVERSION).write_text(json.dumps({"converted_from": str(Path(path).resolve()),
-                                                  "image_processor_backend": "pil"}, indent=2))
+        record_conversion(tmp, path)
     return out
 
 
 CONVERSION = "conversion.json"  # what `probe convert` adds beside the save_pretrained files
+
+
+def record_conversion(directory, source) -> None:
+    """``conversion.json`` beside a saved converted model: save_pretrained does not record the PIL backend
+    (the pixel-exact one), so load_mllm reads it here."""
+    (Path(directory) / CONVERSION).write_text(json.dumps({"converted_from": str(Path(source).resolve()),
+                                                          "image_processor_backend": "pil"}, indent=2))
 
 
 def saved_backend(path) -> str | None:
@@ -230,7 +235,7 @@ def load_processor(path):
     image processor is loaded apart and put in."""
     import transformers
     path = Path(path)
-    with _quiet():
+    with quiet():
         processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
         processor.image_processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True,
                                                                                     backend="pil")
@@ -238,7 +243,7 @@ def load_processor(path):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """transformers' info logs and progress bars off for the block (they are not the user's business here)."""
     from transformers.utils import logging
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -324,14 +329,14 @@ def _text_config(where: Path, config: dict):
             raise CheckpointError(f"{where}: not a {lm_type} LM config ({' '.join(str(e).split())[:200]})") from None
 
 
-def _tokenizer(path: Path, config: dict, tokens: tuple[str, ...]):
+def image_tokenizer(path: Path, config: dict, tokens: tuple[str, ...]):
     """The dir's tokenizer with ``tokens`` added where missing (special, not normalised), and their ids."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise CheckpointError(f"{path / 'tokenizer_config.json'}: no tokenizer files (tokenizer.json / "
-                              "tokenizer_config.json); the converted model needs the dir's tokenizer")
-    with warnings.catch_warnings(), _quiet():  # it reads config.json too, and says it is no tokenizer config
+                              "tokenizer_config.json); the MLLM needs the dir's tokenizer")
+    with warnings.catch_warnings(), quiet():  # it reads config.json too, and says it is no tokenizer config
         warnings.simplefilter("ignore")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)

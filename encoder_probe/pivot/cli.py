@@ -1,6 +1,7 @@
 """`probe train pretrain|sft|dpo|transplant|export`: the trainer's command line (accelerate / torchrun-ready)."""
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 _HELP = {
@@ -62,6 +63,8 @@ def add_train_parser(subparsers) -> None:
             p.add_argument("--vision-feature-layer", type=int, help="tower layer the LM reads (default: -2 for a tower "
                            "dir, LLaVA's choice; the layer the MLLM read for an MLLM dir)")
             p.add_argument("--projector-epochs", type=float, default=1.0, help="projector-only epochs first (default 1)")
+            p.add_argument("--projector-phase-lr", type=float, default=1e-3, help="learning rate of the projector-only "
+                           "phase (default 1e-3, LLaVA's stage 1; --lr is the next phase's)")
         p.set_defaults(func=cmd_train)
     p = stages.add_parser("export", help="write a trained MLLM dir in the LLaVA-NeXT / PIVOT layout")
     p.add_argument("checkpoint", help="a save_pretrained LLaVA-OneVision or LLaVA dir (e.g. a `probe train` output)")
@@ -76,7 +79,8 @@ def cmd_train(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in known and v is not None}
     values["freeze"] = tuple(p.strip() for p in (args.freeze or "").split(",") if p.strip())
     out = train(TrainConfig(**values))
-    print(f"trained MLLM in {out} (log {out / 'log.csv'}); probe it with: probe run --encoder {out} --suite ...")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained MLLM in {out} (log {out / 'log.csv'}); probe it with: probe run --encoder {out} --suite ...")
     return 0
 
 

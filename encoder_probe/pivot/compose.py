@@ -50,21 +50,21 @@ def compose_mllm(vision, lm, *, kind: str = "llava_onevision", vision_feature_la
     the dir for what cannot be composed.
     """
     from ..encoders.registry import parse_dtype
-    from ..mllm.convert import _quiet
+    from ..mllm.convert import quiet
     if kind not in KINDS:
         why = " (compose builds LLaVA-style MLLMs only)" if kind in REFUSED else ""
         raise SpecError(f"MLLM kind {kind!r} is not one compose builds{why}; kinds: {', '.join(KINDS)}")
     vision, lm, dtype = Path(vision), Path(lm), parse_dtype(dtype) or torch.float32
     _directory(vision, "the vision tower")
     _directory(lm, "the LM")
-    with _quiet(), torch.random.fork_rng(devices=[]):
+    with quiet(), torch.random.fork_rng(devices=[]):
         return _compose(vision, lm, kind, vision_feature_layer, seed, dtype)
 
 
 def _compose(vision: Path, lm: Path, kind: str, vision_feature_layer, seed: int, dtype):
     import transformers as T
 
-    from ..mllm.convert import IMAGE_TOKEN, VIDEO_TOKEN, _tokenizer
+    from ..mllm.convert import IMAGE_TOKEN, VIDEO_TOKEN, image_tokenizer
     from ..mllm.model import build_processor
     tower, preprocess, read = _tower(vision)
     vcfg = copy.deepcopy(tower.config)
@@ -82,7 +82,7 @@ def _compose(vision: Path, lm: Path, kind: str, vision_feature_layer, seed: int,
                         f"(-{depth + 1}..{depth})")
     tokens = (IMAGE_TOKEN, VIDEO_TOKEN) if kind == "llava_onevision" else (IMAGE_TOKEN,)
     _lm_config(lm)
-    tokenizer, ids = _tokenizer(lm, {}, tokens)
+    tokenizer, ids = image_tokenizer(lm, {}, tokens)
     tokenizer.chat_template = _template(tokenizer, kind)
     causal = _causal_lm(lm, dtype)
     text = causal.config

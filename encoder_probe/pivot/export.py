@@ -93,8 +93,8 @@ def export_llava(hf_dir, out) -> Path:
         tokenizer.chat_template = mllm.processor.chat_template
 
     from huggingface_hub import save_torch_state_dict
-    from ..mllm.convert import _quiet
-    with atomic_dir(out) as tmp, _quiet():
+    from ..mllm.convert import quiet
+    with atomic_dir(out) as tmp, quiet():
         save_torch_state_dict(state, tmp, metadata={"format": "pt"})  # model.safetensors, sharded past 5GB
         tokenizer.save_pretrained(tmp)
         (tmp / TOWER_DIR).mkdir()

@@ -47,6 +47,7 @@ class TrainConfig:
     limit: int | None = None  # use the first N records
     epochs: float = 1.0
     projector_epochs: float = 1.0  # pretrain/transplant: projector-only epochs first
+    projector_phase_lr: float = 1e-3  # pretrain/transplant: the projector-only phase's lr (LLaVA's stage 1)
     max_steps: int | None = None  # stop each phase after N optimizer steps
     batch_size: int = 8  # pairs per optimizer step over all processes (the effective batch)
     micro_batch_size: int | None = None  # pairs per forward per process; the rest by gradient accumulation
@@ -90,7 +91,7 @@ class TrainConfig:
             raise SpecError("--batch-size and --micro-batch-size must be >= 1")
         if self.epochs <= 0 or self.projector_epochs < 0 or (self.max_steps is not None and self.max_steps < 1):
             raise SpecError("--epochs must be > 0, --projector-epochs >= 0 and --max-steps >= 1")
-        for name in ("lr", "vision_lr", "beta"):
+        for name in ("lr", "vision_lr", "beta", "projector_phase_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise SpecError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -98,6 +99,19 @@ class TrainConfig:
             raise SpecError("--sft-weight must be >= 0 and --warmup-ratio in [0, 1)")
         if self.export not in (None, "llava"):
             raise SpecError(f"--export {self.export!r}: only 'llava' (the LLaVA-NeXT / PIVOT layout)")
+        if self.deepspeed:
+            _check_deepspeed(self.deepspeed)
+
+
+def _check_deepspeed(path: str) -> None:
+    """Before any weights load: transformers fails deep inside TrainingArguments on either."""
+    import importlib.util
+    try:
+        json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SpecError(f"--deepspeed {path}: not a readable JSON file ({' '.join(str(e).split())})") from None
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SpecError(f"--deepspeed {path}: DeepSpeed is not installed (pip install 'encoder-probe[deepspeed]')")
 
 
 # -- which parameters are which ---------------------------------------------------------------------
@@ -188,18 +202,22 @@ def _main_process() -> bool:
 
 def _finish(trainer, out: Path, config: TrainConfig, mllm) -> None:
     """The final save_pretrained dir (model, processor, chat template), then pivot_train.json last."""
-    import transformers
-
-    import trl
     tmp = out / ".final"
     trainer.save_model(str(tmp))  # every process: FSDP / ZeRO-3 gather the weights here
     trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:
-        return
-    if mllm.details.get("converted_from") or (Path(mllm.path) / "conversion.json").is_file():
-        # the PIL-backend processor of a converted PIVOT dir: say so, as `probe convert` does
-        (tmp / "conversion.json").write_text(json.dumps({"converted_from": str(Path(mllm.path).resolve()),
-                                                         "image_processor_backend": "pil"}, indent=2))
+    if trainer.accelerator.is_main_process:
+        _publish(tmp, out, trainer, config, mllm)
+    trainer.accelerator.wait_for_everyone()  # the next phase loads OUT on every process
+
+
+def _publish(tmp: Path, out: Path, trainer, config: TrainConfig, mllm) -> None:
+    """The main process: the saved files into OUT, config.json then pivot_train.json last."""
+    import transformers
+
+    import trl
+    from ..mllm.convert import CONVERSION, record_conversion
+    if mllm.details.get("converted_from") or (Path(mllm.path) / CONVERSION).is_file():
+        record_conversion(tmp, mllm.path)  # the PIL-backend processor of a converted PIVOT dir, as `probe convert`
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in pivot_train.json
     for file in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
         os.replace(file, out / file.name)
@@ -339,7 +357,7 @@ def train(config: TrainConfig, *, callbacks=()) -> Path:
 
         from ..cache import atomic_dir
         fresh = out / "phases" / "fresh"  # the composed MLLM, saved once: every phase starts from a dir
-        with PartialState().main_process_first():
+        with PartialState(cpu=config.device == "cpu").main_process_first():  # the state the Trainer reuses
             if not (fresh / "config.json").is_file():
                 model, processor = compose_mllm(config.vision_from or config.vision, config.lm, kind=config.kind,
                                                 vision_feature_layer=config.vision_feature_layer, seed=config.seed)
@@ -349,7 +367,8 @@ def train(config: TrainConfig, *, callbacks=()) -> Path:
         init = str(fresh)
         if config.projector_epochs:
             projector = out / "phases" / "projector"
-            run_phase(replace(config, trainable=("projector",), epochs=config.projector_epochs), "sft", init,
+            run_phase(replace(config, trainable=("projector",), epochs=config.projector_epochs,
+                              lr=config.projector_phase_lr), "sft", init,
                       projector, phase="projector", callbacks=callbacks)
             init = str(projector)
         second = ("projector", "lm") if config.stage == "transplant" else PARTS  # the refined tower stays frozen

@@ -1,9 +1,10 @@
-"""Run one stage of a JSON experiment config (paper.json) with the PIVOT trainer.
+"""Run stages of paper.json: its command lines with ``${VAR}`` taken from the environment.
 
-    torchrun --nproc_per_node 8 experiments/pivot/run.py experiments/pivot/paper.json dpo
+    RUNS=... SIGLIP2_DIR=... python experiments/pivot/run.py pretrain dpo
+    python experiments/pivot/run.py dpo --dry-run    # print the command only
 
-Each stage is ``common`` updated by ``stages[NAME]``; ``${VAR}`` is read from the environment.
-``--dry-run`` prints the resolved TrainConfig without touching any weights.
+Run from the repo root (the commands name experiments/pivot/*.yaml). An unset variable is a one-line
+error naming every one the stages need; with ``--dry-run`` they are left as ``${VAR}`` in what is printed.
 """
 from __future__ import annotations
 
@@ -11,59 +12,49 @@ import argparse
 import json
 import os
 import re
+import shlex
+import subprocess
 import sys
-from dataclasses import asdict, fields
+from pathlib import Path
 
-from encoder_probe.errors import SpecError
-from encoder_probe.pivot.train import TrainConfig, train
-
+PAPER = Path(__file__).with_name("paper.json")
 _VAR = re.compile(r"\$\{(\w+)\}")
 
 
-def resolve(value, missing: set):
-    if isinstance(value, str):
-        def sub(match):
-            if match.group(1) not in os.environ:
-                missing.add(match.group(1))
-                return match.group(0)
-            return os.environ[match.group(1)]
-        return _VAR.sub(sub, value)
-    return value
-
-
-def stage_config(path: str, stage: str, *, strict: bool = True) -> TrainConfig:
-    """The TrainConfig of ``stage``; with ``strict``, unset ${VARS} are a one-line SpecError."""
-    spec = json.loads(open(path).read())
-    if stage not in spec["stages"]:
-        raise SpecError(f"{path}: no stage {stage!r} (has {', '.join(spec['stages'])})")
-    merged = {**spec.get("common", {}), **spec["stages"][stage]}
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise SpecError(f"{path}: stage {stage}: unknown keys {', '.join(unknown)}")
-    missing: set = set()
-    values = {k: resolve(v, missing) for k, v in merged.items()}
-    if missing and strict:
-        raise SpecError(f"{path}: stage {stage} needs environment variable(s) {', '.join(sorted(missing))}")
-    return TrainConfig(**{k: v for k, v in values.items() if v is not None})
+def command(spec: dict, stage: str, env=os.environ) -> tuple[str, set[str]]:
+    """The stage's command line with the set variables filled in, and the names of the unset ones."""
+    line = spec["stages"][stage]
+    missing = {name for name in _VAR.findall(line) if name not in env}
+    return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), line), missing
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("stage")
-    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("stages", nargs="+", metavar="STAGE", help="stages to run, in the order given")
+    parser.add_argument("--config", default=str(PAPER), help="the experiment file (default: paper.json)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    try:
-        config = stage_config(args.config, args.stage, strict=not args.dry_run)
-        if args.dry_run:
-            print(json.dumps(asdict(config), indent=2))
-            return 0
-        train(config)
-    except SpecError as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
+    spec = json.loads(Path(args.config).read_text())
+    unknown = [s for s in args.stages if s not in spec["stages"]]
+    if unknown:
+        return _fail(f"{args.config}: no stage {', '.join(unknown)} (has {', '.join(spec['stages'])})")
+    lines, missing = zip(*(command(spec, s) for s in args.stages))
+    missing = sorted(set().union(*missing))
+    if missing and not args.dry_run:
+        return _fail(f"{args.config}: stage {' '.join(args.stages)} needs environment variables {', '.join(missing)}")
+    for stage, line in zip(args.stages, lines):
+        print(line, flush=True)
+        if not args.dry_run:
+            done = subprocess.run(shlex.split(line))
+            if done.returncode:
+                _fail(f"stage {stage} failed (exit {done.returncode}): {line}")
+                return done.returncode
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"run.py: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

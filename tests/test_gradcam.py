@@ -1,6 +1,5 @@
 """The `gradcam` probe: maps against pytorch-grad-cam, captum and hand-written autograd; token
 layouts (CLS, no CLS, registers, non-square grids); localisation on a planted case; MLLM maps."""
-import json
 import numpy as np
 import pytest
 import torch

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from encoder_probe import load_encoder, toy
 from encoder_probe.cli import main as cli
-from encoder_probe.errors import DataError, SpecError
 from encoder_probe.mllm.model import load_mllm
 from encoder_probe.pivot.train import TrainConfig, build_trainer, latest_checkpoint, part_of, train
 

@@ -10,7 +10,6 @@ paired difference DPO - SFT with its 95% t-interval; an interval that holds 0 is
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -16,34 +16,7 @@ from encoder_probe import load_encoder, toy
 from encoder_probe.cli import main as cli
 from encoder_probe.mllm.model import load_mllm
 from encoder_probe.pivot.train import TrainConfig, build_trainer, latest_checkpoint, part_of, train
-
-QUESTIONS = ["What colour is the square?", "How many dots are in the image?", "Is the star large or small?",
-             "What colour is the ring?"]
-ANSWERS = [("red", "orange"), ("3", "4"), ("large", "small"), ("blue", "cyan")]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """8 preference records over random 40x56 images, relative paths as MMPR ships them."""
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    lines = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        chosen, rejected = ANSWERS[i % 4]
-        lines.append(json.dumps({"image": f"images/{i}.png", "question": QUESTIONS[i % 4], "chosen": chosen,
-                                 "rejected": rejected}))
-    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "pairs.jsonl"
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    """Qwen2-VL at its published geometry (14 px patches, 2x2 merge), tiny widths, with its processor."""
-    return toy.write_hf_mllm(tmp_path_factory.mktemp("qwen") / "qwen2_vl", "qwen2_vl", geometry="published",
-                             processor=True)
-
+from pivot_common import KILL_SCRIPT, QUESTIONS, pairs, parts, qwen  # noqa: F401 (fixtures)
 
 @pytest.fixture(scope="module")
 def onevision(tmp_path_factory):
@@ -171,22 +144,15 @@ def test_probe_train_dpo_on_real_layouts_loads_everywhere(kind, qwen, onevision,
 
 def test_a_killed_run_resumes_to_the_same_weights(qwen, pairs, tmp_path):
     """kill -9 after step 3 (checkpoint at step 2), rerun: the weights equal an uninterrupted 6-step run's."""
-    script = (
-        "import os, signal, sys\n"
-        "from transformers import TrainerCallback\n"
-        "from encoder_probe.pivot.train import TrainConfig, train\n"
-        "class Kill(TrainerCallback):\n"
-        "    def on_step_end(self, args, state, control, **kw):\n"
-        "        if state.global_step == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"train(TrainConfig(stage='dpo', init={str(qwen)!r}, out=sys.argv[1], data={str(pairs)!r}, batch_size=4, "
-        "max_steps=6, lr=1e-3, warmup_ratio=0.0, device='cpu', save_every=2, progress=False), callbacks=[Kill()])\n")
+    script = KILL_SCRIPT
+    settings = [f"init={str(qwen)!r}", f"data={str(pairs)!r}", "batch_size=4", "max_steps=6", "save_every=2"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), "3"], env=env, capture_output=True,
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), "3", *settings], env=env, capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "a").name == "checkpoint-2" and not (tmp_path / "a" / "model.safetensors").exists()
     for out in ("a", "b"):
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / out), "0"], env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / out), "0", *settings], env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
@@ -257,13 +223,6 @@ def test_stage_arguments_are_checked(qwen, pairs, tmp_path, argv, message, capsy
 
 
 # -- the LLaVA recipe and PIVOT's evaluation setting ------------------------------------------------
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """A plain SigLIP tower dir and a Qwen2 LM dir with its chat tokenizer (what pretrain starts from)."""
-    root = tmp_path_factory.mktemp("parts")
-    return toy.write_siglip_dir(root / "tower", image_size=64, patch_size=8), toy.write_lm_dir(root / "lm")
-
-
 def _by_part(path) -> dict[str, dict]:
     from encoder_probe.mllm.model import load_mllm as load
     state = load(path).model.state_dict()

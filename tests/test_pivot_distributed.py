@@ -18,49 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from encoder_probe import toy
 from encoder_probe.cli import main as cli
 from encoder_probe.errors import SpecError
 from encoder_probe.pivot.train import TrainConfig, _batches, build_trainer
+from pivot_common import KILL_SCRIPT, pairs, parts, qwen  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 PIVOT = REPO / "experiments" / "pivot"
-QUESTIONS = ["What colour is the square?", "How many dots are in the image?", "Is the star large or small?",
-             "What colour is the ring?"]
-ANSWERS = [("red", "orange"), ("3", "4"), ("large", "small"), ("blue", "cyan")]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """8 preference records over random 40x56 images (relative paths)."""
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    lines = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        chosen, rejected = ANSWERS[i % 4]
-        lines.append(json.dumps({"image": f"images/{i}.png", "question": QUESTIONS[i % 4], "chosen": chosen,
-                                 "rejected": rejected}))
-    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "pairs.jsonl"
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    return toy.write_hf_mllm(tmp_path_factory.mktemp("qwen") / "qwen2_vl", "qwen2_vl", geometry="published",
-                             processor=True)
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parts")
-    return toy.write_siglip_dir(root / "tower", image_size=64, patch_size=8), toy.write_lm_dir(root / "lm")
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,28 +104,18 @@ def test_ddp_on_two_processes_trains_the_weights_of_one(objective, qwen, pairs, 
         _finished(run, 2)
 
 
-KILLED = (  # argv: out, step after which every process kills itself (0: never), init, data
-    "import os, signal, sys\n"
-    "from transformers import TrainerCallback\n"
-    "from encoder_probe.pivot.train import TrainConfig, train\n"
-    "class Kill(TrainerCallback):\n"
-    "    def on_step_end(self, args, state, control, **kw):\n"
-    "        if state.global_step == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)\n"
-    "train(TrainConfig(stage='dpo', out=sys.argv[1], init=sys.argv[3], data=sys.argv[4], batch_size=4, "
-    "micro_batch_size=1, max_steps=4, lr=1e-3, warmup_ratio=0.0, device='cpu', save_every=2, snapshot_every=1, "
-    "snapshot_records=2, progress=False), callbacks=[Kill()])\n")
-
-
 def test_a_killed_ddp_run_resumes_to_the_weights_of_one_process(qwen, pairs, tmp_path):
     """Both processes killed after step 3 (checkpoint at 2), relaunched: the weights, log and gradient-map
     snapshots of one uninterrupted process (each rank's data order and RNG come back from the checkpoint)."""
     script = tmp_path / "killed.py"
-    script.write_text(KILLED)
+    script.write_text(KILL_SCRIPT)
+    settings = [f"init={str(qwen)!r}", f"data={str(pairs)!r}", "batch_size=4", "micro_batch_size=1", "max_steps=4",
+                "save_every=2", "snapshot_every=1", "snapshot_records=2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _launch([sys.executable, script, one, 0, qwen, pairs])
-    _launch(_torchrun(2, script, two, 3, qwen, pairs), killed=True)
+    _launch([sys.executable, script, one, 0, *settings])
+    _launch(_torchrun(2, script, two, 3, *settings), killed=True)
     assert sorted(p.name for p in (two / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
-    out = _launch(_torchrun(2, script, two, 0, qwen, pairs))
+    out = _launch(_torchrun(2, script, two, 0, *settings))
     assert out.count("resuming from") == 1 and "checkpoint-2" in out
     assert _max_diff(one, two) <= 1e-5
     _same_log(one, two, keys=LOGGED[:-1])  # TRL's running num_tokens restarts from 0 on resume (not checkpointed)

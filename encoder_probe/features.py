@@ -198,9 +198,34 @@ class FeatureSet:
         """The base view's token grid (None for view full: grids differ from view to view)."""
         return tuple(self.meta["grid"]) if self.meta.get("grid") is not None else None
 
+    # -- the dataset the entry was extracted from (probes read these, never meta["data"]) -------------
+    @property
+    def data(self) -> dict:
+        """A copy of meta.json's data block (name, root, split, size, num_classes, class_names, ...):
+        editing it cannot change what later readers of this entry see."""
+        return json.loads(json.dumps(self.meta["data"]))
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name ("imagenet", "ade20k", an image folder's name)."""
+        return self.meta["data"]["name"]
+
+    @property
+    def root(self) -> str:
+        """The dataset's root directory as it was read."""
+        return str(self.meta["data"]["root"])
+
+    @property
+    def split(self) -> str:
+        return self.meta["data"]["split"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["data"]["num_classes"])
+
     @property
     def class_names(self) -> list[str]:
-        return self.meta["data"]["class_names"]
+        return list(self.meta["data"]["class_names"])
 
     @property
     def layers(self) -> list:
@@ -534,24 +559,16 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
     sha = _sha(key)
     entry = out / sha[:20]
     if world == 1 and (entry / "meta.json").is_file():  # finished entries are never rewritten: no lock to read
-        return _noted(encoder, _finished(entry, sha))  # (one that cannot take a lock, e.g. a read-only cache, reads)
+        return _finished(entry, sha)  # (one that cannot take a lock, e.g. a read-only cache, reads)
     lock = _lock_entry(out, entry, progress) if rank == 0 else None
     try:
         _barrier(world)  # the other ranks look at the entry once rank 0 holds its lock
-        return _noted(encoder, _extract_entry(encoder, dataset, key, sha, out, entry, rank=rank, world=world,
-                                              batch_size=batch_size, chunk_size=chunk_size,
-                                              num_workers=num_workers, on_bad_image=on_bad_image,
-                                              progress=progress))
+        return _extract_entry(encoder, dataset, key, sha, out, entry, rank=rank, world=world,
+                              batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
+                              on_bad_image=on_bad_image, progress=progress)
     finally:
         if lock is not None:
             lock.release()
-
-
-def _noted(encoder, features: FeatureSet) -> FeatureSet:
-    """Tell a running suite which entries its encoder's probes read (for the token counts in results.json)."""
-    from .runner import note_features_read
-    note_features_read(encoder.fingerprint, features)
-    return features
 
 
 def _finished(entry: Path, sha: str) -> FeatureSet:

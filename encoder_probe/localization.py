@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from .data.base import IGNORE_INDEX
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -62,7 +62,7 @@ def chance(inside: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
 def object_masks(masks: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inside, valid) boolean (B, H, W) from train-id masks: pixels of ``classes[i]`` (or any
     non-background label when a class is -1 or none are given); 255 is not valid."""
-    valid = masks != IGNORE
+    valid = masks != IGNORE_INDEX
     foreground = valid & (masks != 0)
     if classes is None:
         return foreground, valid

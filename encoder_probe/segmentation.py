@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-IGNORE_INDEX = 255
+from .data.base import IGNORE_INDEX
 
 
 def confusion_matrix(truth: torch.Tensor, pred: torch.Tensor, num_classes: int,

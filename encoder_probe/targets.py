@@ -107,10 +107,11 @@ def has_text_tower(encoder) -> bool:
 
 
 def _hf_dual_dir(encoder):
-    from pathlib import Path
     from .encoders.hf_tower import DUAL_TOWER
-    from .encoders.registry import read_config
-    directory = Path(encoder.spec.removeprefix("hf:").split("@")[0])
+    from .encoders.sources import read_config
+    directory = encoder.spec.path
+    if directory is None:
+        return None
     try:
         return directory if read_config(directory).get("model_type") in DUAL_TOWER else None
     except Exception:
@@ -122,7 +123,7 @@ def text_embeddings(encoder, texts: list[str]) -> torch.Tensor:
     with torch.no_grad():
         if getattr(encoder, "clip_model", None) is not None:
             import open_clip
-            arch = encoder.spec.split(":", 1)[1].split("@")[0]
+            arch = encoder.spec.target
             try:
                 tokenizer = open_clip.get_tokenizer(arch)
             except Exception as e:  # an HF tokenizer that is not on disk

@@ -56,6 +56,11 @@ def test_features_equal_the_encoders_own_forward(tmp_path, encoder):
     np.testing.assert_array_equal(fs.tokens("final"), final.patches.half().numpy())
     np.testing.assert_array_equal(fs.prefix("final"), final.prefix.half().numpy())
     assert fs.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and fs.index.tolist() == list(range(9))
+    assert (fs.num_classes, fs.dataset, fs.split, fs.root) == (3, "imagenet", "train", str(tmp_path / "data"))
+    data = fs.data
+    assert data["num_classes"] == 3 and data["size"] == 9
+    data["root"], fs.class_names[0] = "/elsewhere", "tiger"  # copies: the entry keeps what it holds
+    assert fs.root == str(tmp_path / "data") and fs.class_names[0] == "cat"
     with pytest.raises(DataError, match="layer 5 was not extracted"):
         fs.pooled("mean", 5)
 
@@ -183,5 +188,5 @@ def test_cli_extract_defaults_to_the_builtin_demo_data(tmp_path, cache_env):
     assert proc.returncode == 0, err
     assert out.startswith("imagenet/val: 60 images -> ")
     fs = FeatureSet(out.split(" -> ")[1].strip())
-    assert fs.meta["data"]["root"].startswith(str(cache_env)) and fs.class_names[0] == "circle"
+    assert fs.root.startswith(str(cache_env)) and fs.class_names[0] == "circle"
     assert np.bincount(fs.labels).tolist() == [10] * 6 and fs.pooled("cls").shape == (60, 64)

@@ -381,6 +381,73 @@ def test_fingerprint(timm_vit, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# specs and sources
+# --------------------------------------------------------------------------------------------
+SOURCE_ORDER = ["llava", "hf-mllm", "qwen2-vl", "hf", "timm", "torchvision", "open_clip"]
+
+
+def test_spec_is_parsed_once_and_stays_the_given_text(timm_vit, hf_dirs):
+    import pickle
+
+    from encoder_probe.encoders import Spec, parse_spec
+    _, enc, st, _ = timm_vit
+    spec = enc.spec
+    assert isinstance(spec, Spec) and spec == f"timm:{VIT}@{st}" and json.dumps([spec]) == json.dumps([str(spec)])
+    assert (spec.source.name, spec.target, spec.weights, spec.path) == ("timm", VIT, str(st), None)
+    assert spec.parts == (spec.source, VIT, str(st)) and parse_spec(spec) is spec
+    assert load_encoder(spec).spec is spec  # loading a parsed spec parses nothing again
+    again = pickle.loads(pickle.dumps(spec))
+    assert again == spec and (again.target, again.weights) == (VIT, str(st))
+    assert Spec.parse("timm:x@~/w.safetensors").weights == os.path.expanduser("~/w.safetensors")
+    _, _, d = hf_dirs("clip")
+    for text in (f"hf:{d}", str(d)):  # a directory names itself, with or without its source
+        parsed = load_encoder(text).spec
+        assert parsed == text and parsed.source.name == "hf" and parsed.path == d and parsed.target == str(d)
+    for bad, why in (("timm:", "nothing after 'timm:'"), ("timm:x@", "nothing after '@'"), ("", "empty")):
+        with pytest.raises(SpecError, match=why):
+            Spec.parse(bad)
+
+
+def test_sources_are_entry_points_listed_in_detect_order():
+    from importlib.metadata import entry_points
+
+    from encoder_probe.encoders import list_sources
+    from encoder_probe.encoders.sources import GROUP
+    assert {ep.name for ep in entry_points(group=GROUP)} >= set(SOURCE_ORDER)
+    listed = list_sources()
+    assert [s.name for s in listed] == SOURCE_ORDER
+    assert [s.detect_order for s in listed] == sorted(s.detect_order for s in listed)
+
+
+@pytest.mark.parametrize("order,expected", [(5, "mine"), (45, "hf")])
+def test_detection_follows_detect_order(hf_dirs, monkeypatch, order, expected):
+    from encoder_probe.encoders import Spec, sources
+    monkeypatch.setattr(sources, "_IN_PROCESS", {})
+    sources.register_source("mine", description="claims every CLIP dir", detect_order=order,
+                            detect=lambda config: "clip" in config.get("model_type", ""))(lambda *a, **k: None)
+    _, _, d = hf_dirs("clip")
+    assert Spec.parse(str(d)).source.name == expected
+
+
+def test_a_broken_source_entry_point_is_one_line_naming_it(monkeypatch):
+    from importlib.metadata import EntryPoint, entry_points
+
+    from encoder_probe.encoders import Spec, list_sources, sources
+    real = list(entry_points(group=sources.GROUP))
+    for name, value, why in (("broken", "no_such_module_xyz:SOURCE", "failed to import: ModuleNotFoundError"),
+                             ("notsource", "json:dumps", "expected an encoder_probe.encoders.sources.Source"),
+                             ("renamed", "encoder_probe.encoders.timm_source:SOURCE", "named 'timm'")):
+        extra = EntryPoint(name, value, sources.GROUP)
+        monkeypatch.setattr(sources, "entry_points", lambda group, extra=extra: [*real, extra])
+        for call in (lambda: Spec.parse(f"{name}:x"), list_sources):
+            with pytest.raises(SpecError) as e:
+                call()
+            message = str(e.value)
+            assert "\n" not in message and f"encoder source {name!r} ({value})" in message and why in message
+        assert Spec.parse(f"timm:{VIT}").source.name == "timm"  # the others still load
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 def test_unknown_timm_model_and_unknown_source():

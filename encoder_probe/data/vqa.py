@@ -1,6 +1,6 @@
 """VQA preference records (MMPR-like JSONL) for MLLM gradient maps: ``--data vqa=FILE``.
 
-The trainer's record format (:func:`encoder_probe.pivot.data.read_pairs`: ``image`` relative to
+The trainer's record format (:func:`encoder_probe.data.records.read_pairs`: ``image`` relative to
 the file's folder or its parent, ``question``, ``chosen``, ``rejected``), plus an optional ``mask``
 (a PNG the size of the image: 0 background, 255 ignored, any other value object) for localisation
 scores. ROOT is a ``.jsonl`` file (split ``val``) or a folder with ``{split}.jsonl``. With no ROOT:
@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import DataError
 from .base import IGNORE_INDEX, ImageDataset, Sample
 from .images import load_mask
+from .records import read_pairs
 
 
 class VQAPairs(ImageDataset):
@@ -25,7 +26,6 @@ class VQAPairs(ImageDataset):
     task = "vqa"
 
     def __init__(self, root, split: str = "val"):
-        from ..pivot.data import read_pairs
         root = Path(root)
         if root.suffix == ".jsonl" and split != "val":
             raise DataError(f"{root}: one JSONL file is split 'val' only (no {split!r} split)")

@@ -1,6 +1,9 @@
-"""Encoder sources. Importing this package registers every built-in source."""
+"""Encoder sources and `load_encoder`. Sources are found through the ``encoder_probe.sources`` entry
+points (see :mod:`encoder_probe.encoders.sources`) and imported when first needed."""
 from .base import Preprocess, Tokens, VisionEncoder
 from .registry import list_sources, load_encoder, parse_spec, register_source
-from . import llava, hf_mllm, qwen2_vl, hf_source, timm_source, torchvision_source, open_clip_source  # noqa: F401  (registration order = detection order)
+from .sources import Source
+from .spec import Spec
 
-__all__ = ["Preprocess", "Tokens", "VisionEncoder", "list_sources", "load_encoder", "parse_spec", "register_source"]
+__all__ = ["Preprocess", "Source", "Spec", "Tokens", "VisionEncoder", "list_sources", "load_encoder", "parse_spec",
+           "register_source"]

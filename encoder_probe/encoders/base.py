@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, SpecError
+from .spec import Spec
 from .views import TokenLayout, single_view
 
 Layer = int | str  # an int index, or "final"
@@ -162,7 +163,7 @@ class VisionEncoder:
     def __init__(
         self,
         *,
-        spec: str,
+        spec: Spec | str,
         module: nn.Module,
         preprocess: Preprocess,
         layers: LayerInfo,
@@ -173,7 +174,7 @@ class VisionEncoder:
         view: str = "base",
         full_preprocess=None,
     ):
-        self.spec = spec
+        self.spec = Spec.parse(spec)  # what load_encoder parsed (a str given here is parsed now)
         self.module = module.eval()
         self.projector = projector.eval() if projector is not None else None
         self.preprocess = preprocess

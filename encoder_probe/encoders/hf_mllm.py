@@ -15,7 +15,7 @@ from ..errors import CheckpointError, SpecError
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into, training_details
 from .hf_tower import HFTower, HFTowerEncoder, build_tower, load_config, preprocess_from_dir
-from .registry import read_config, register_source
+from .sources import Source, read_config
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,6 @@ def _projector_class(path: str):
     return getattr(importlib.import_module(f"transformers.models.{module}"), cls)
 
 
-@register_source("hf-mllm", description="HF multimodal dirs: LlavaOnevision, LLaVA, LLaVA-NeXT, InternVL "
-                 "(single-file or sharded; transformers 5 and 4.x key layouts)", detect=detect)
 def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, view="base"):
     path = Path(directory)
     raw = read_config(path)
@@ -97,6 +95,11 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
         spec=spec, module=tower_model, preprocess=preprocess, projector=projector,
         layers=LayerInfo(default, tower.depth, tower.depth, note=note), layer=layer, with_projector=with_projector,
         details=details, view=view, **full)
+
+
+SOURCE = Source(name="hf-mllm", load=load, detect_order=20,
+                description="HF multimodal dirs: LlavaOnevision, LLaVA, LLaVA-NeXT, InternVL "
+                "(single-file or sharded; transformers 5 and 4.x key layouts)", detect=detect)
 
 
 def _full_view(path: Path, config, family: Family, tower: HFTower, reader, strategy: str) -> dict:

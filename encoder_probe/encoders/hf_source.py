@@ -8,15 +8,13 @@ from torch import nn
 from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
 from .hf_tower import DUAL_TOWER, VISION_TYPES, HFTower, HFTowerEncoder, build_tower, load_config, preprocess_from_dir, vision_config_of
-from .registry import read_config, register_source
+from .sources import Source, read_config
 
 
 def _is_hf_vision(config: dict) -> bool:
     return config.get("model_type") in VISION_TYPES | set(DUAL_TOWER)
 
 
-@register_source("hf", description="transformers save_pretrained dir: CLIP, SigLIP, SigLIP2, DINOv2 "
-                 "(vision-only or dual tower); also accepts HF MLLM dirs", detect=_is_hf_vision)
 def load_hf(directory: str, weights=None, *, spec: str, layer=None, with_projector=False):
     from . import hf_mllm, qwen2_vl
 
@@ -46,3 +44,8 @@ def load_hf(directory: str, weights=None, *, spec: str, layer=None, with_project
         layer=layer, with_projector=with_projector,
         details={"architecture": f"{config.model_type} ({type(model).__name__})", "preprocess_from": preprocess_from},
     )
+
+
+SOURCE = Source(name="hf", load=load_hf, detect_order=40,
+                description="transformers save_pretrained dir: CLIP, SigLIP, SigLIP2, DINOv2 "
+                "(vision-only or dual tower); also accepts HF MLLM dirs", detect=_is_hf_vision)

@@ -21,7 +21,7 @@ from .base import LayerInfo
 from .checkpoint import CheckpointReader, load_into
 from .hf_tower import HFTower, HFTowerEncoder, build_tower, default_preprocess, load_config, preprocess_from_dir, vision_config_of
 from .known_towers import lookup, vision_config as config_from_params
-from .registry import read_config, register_source
+from .sources import Source, read_config
 
 VISION_PREFIXES = ("model.vision_tower.vision_tower.", "vision_tower.vision_tower.", "model.vision_tower.")
 PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
@@ -122,8 +122,6 @@ def lm_feature_layer(vision_config, config: dict) -> tuple[int, str]:
     return select, f"mm_vision_select_layer={select}, CLS dropped ({config.get('mm_vision_select_feature', 'patch')})"
 
 
-@register_source("llava", description="LLaVA-NeXT / PIVOT MLLM dir (mm_vision_tower, model.mm_projector)",
-                 detect=detect)
 def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, vision_config=None,
          view="base"):
     path = Path(directory)
@@ -158,6 +156,11 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
                                         "tower's mean/std (as transformers' conversion of these checkpoints)"}
                     if view == "full" else {})},
     )
+
+
+SOURCE = Source(name="llava", load=load, detect_order=10,
+                description="LLaVA-NeXT / PIVOT MLLM dir (mm_vision_tower, model.mm_projector)",
+                detect=detect)
 
 
 def grid_pinpoints(value, tile: int) -> list[list[int]]:

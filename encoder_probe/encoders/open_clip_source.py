@@ -16,7 +16,7 @@ import torch
 from ..errors import SpecError
 from .base import LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
-from .registry import register_source
+from .sources import Source
 from .timm_source import timm_head, timm_tokens
 
 _RESIZE = {"shortest": "shortest", "squash": "exact"}
@@ -95,8 +95,6 @@ def _no_random_init_warning():
             root.removeHandler(guard)
 
 
-@register_source("open_clip", description="open_clip image towers: open_clip:ARCH (random init) or "
-                 "open_clip:ARCH@weights", takes_weights=True)
 def load(arch: str, weights=None, *, spec: str, layer=None, with_projector=False):
     import open_clip
     from open_clip.transformer import VisionTransformer
@@ -128,3 +126,8 @@ def load(arch: str, weights=None, *, spec: str, layer=None, with_projector=False
         layer=layer, with_projector=with_projector,
         details={"architecture": f"open_clip {arch} ({type(visual).__name__})", "weights": weights or "random init"},
     )
+
+
+SOURCE = Source(name="open_clip", load=load, detect_order=70,
+                description="open_clip image towers: open_clip:ARCH (random init) or "
+                "open_clip:ARCH@weights", takes_weights=True)

@@ -17,7 +17,7 @@ from ..errors import CheckpointError, SpecError
 from .base import CLIP_MEAN, CLIP_STD, LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into, training_details
 from .hf_tower import load_config
-from .registry import read_config, register_source
+from .sources import Source, read_config
 from .views import TokenLayout, View, single_view
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -154,8 +154,6 @@ def _preprocess(path: Path, factor: int, image_size: tuple[int, int] | None) -> 
     return Preprocess(size, mean, std, "bicubic", "exact"), (file.name if cfg else "Qwen2-VL defaults")
 
 
-@register_source("qwen2-vl", description="Qwen2-VL / Qwen2.5-VL dirs (visual tower + merger, dynamic "
-                 "resolution at a fixed --image-size)", detect=detect)
 def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=False, image_size=None, view="base"):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -190,3 +188,8 @@ def load(directory: str, weights=None, *, spec: str, layer=None, with_projector=
                  "merge": f"{vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} merger", "preprocess_from": preprocess_from,
                  **training_details(path)},
         view=view, **full)
+
+
+SOURCE = Source(name="qwen2-vl", load=load, detect_order=30,
+                description="Qwen2-VL / Qwen2.5-VL dirs (visual tower + merger, dynamic "
+                "resolution at a fixed --image-size)", detect=detect)

@@ -1,71 +1,28 @@
-"""One registry of encoder sources and `load_encoder`, the single entry point.
+"""`load_encoder`, the single entry point, and the checks of what it is given.
 
-Spec forms: ``SOURCE:TARGET[@WEIGHTS]`` (``timm:vit_small_patch16_224@w.safetensors``,
-``open_clip:ViT-B-32``, ``hf:/path/dir``) or a plain directory, whose config.json says which
-source reads it.
+Specs are parsed by :class:`~encoder_probe.encoders.spec.Spec`; sources come from
+:mod:`encoder_probe.encoders.sources` (entry points ``encoder_probe.sources``, plus in-process ones).
 """
 from __future__ import annotations
 
 import inspect
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError, SpecError
+from ..errors import SpecError
 from .base import VIEWS, VisionEncoder
+from .sources import Source, detect_directory, get_source, list_sources, read_config, register_source
+from .spec import Spec
+
+__all__ = ["Source", "Spec", "check_view", "detect_directory", "get_source", "list_sources", "load_encoder",
+           "parse_device", "parse_dtype", "parse_image_size", "parse_spec", "read_config", "register_source",
+           "short_spec", "spec_label"]
 
 
-@dataclass(frozen=True)
-class Source:
-    name: str
-    load: Callable[..., VisionEncoder]
-    description: str
-    detect: Callable[[dict], bool] | None = None  # for directories: does this config.json belong to us?
-    takes_weights: bool = False  # accepts TARGET@WEIGHTS
-
-
-_SOURCES: dict[str, Source] = {}
-
-
-def register_source(name: str, *, description: str, detect=None, takes_weights: bool = False):
-    """Decorator: ``load(target, weights, **options) -> VisionEncoder`` becomes source ``name``."""
-
-    def decorate(load):
-        _SOURCES[name] = Source(name, load, description, detect, takes_weights)
-        return load
-
-    return decorate
-
-
-def list_sources() -> list[Source]:
-    return list(_SOURCES.values())
-
-
-def parse_spec(spec: str) -> tuple[Source, str, str | None]:
-    """(source, target, weights) for a spec string, or a one-line SpecError."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise SpecError(f"empty encoder spec {spec!r}")
-    head, sep, rest = spec.partition(":")
-    if sep and head in _SOURCES:
-        source = _SOURCES[head]
-        if not rest:
-            raise SpecError(f"malformed spec {spec!r}: nothing after '{head}:'")
-        target, at, weights = rest.partition("@") if source.takes_weights else (rest, "", "")
-        if at and not weights:
-            raise SpecError(f"malformed spec {spec!r}: nothing after '@'")
-        return source, target, weights or None
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return detect_directory(path), str(path), None
-    if path.is_file():
-        raise SpecError(f"{spec}: a weights file needs a source, e.g. timm:NAME@{spec} or open_clip:ARCH@{spec}")
-    if sep and "/" not in head and not path.exists():
-        known = ", ".join(sorted(_SOURCES))
-        raise SpecError(f"unknown source {head!r} in spec {spec!r} (known: {known})")
-    raise SpecError(f"{spec}: no such directory, and not a SOURCE:NAME spec")
+def parse_spec(spec: str) -> Spec:
+    """The parsed spec (a str with .source, .target, .weights, .path), or a one-line SpecError."""
+    return Spec.parse(spec)
 
 
 def spec_label(spec: str) -> str:
@@ -100,30 +57,6 @@ def check_view(source: Source | None, spec: str, view) -> str:
         raise SpecError(f"{spec}: source {source.name!r} reads one view of an image; view 'full' is for MLLM "
                         "checkpoints with multi-view input (LLaVA-OneVision, LLaVA-NeXT, Qwen2/2.5-VL, InternVL)")
     return view
-
-
-def read_config(directory: Path) -> dict:
-    file = directory / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{directory}: no recognisable checkpoint (no config.json)")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return config
-
-
-def detect_directory(directory: Path) -> Source:
-    config = read_config(directory)
-    for source in _SOURCES.values():
-        if source.detect is not None and source.detect(config):
-            return source
-    what = config.get("model_type") or config.get("architectures") or "no model_type"
-    raise CheckpointError(f"{directory / 'config.json'}: no recognisable checkpoint ({what}); "
-                          "supported: LLaVA/PIVOT, LlavaOnevision, Qwen2-VL, Qwen2.5-VL, InternVL, "
-                          "CLIP, SigLIP, SigLIP2, DINOv2")
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -184,7 +117,7 @@ def parse_image_size(size) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
-def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_projector: bool = False,
+def load_encoder(spec: str | Spec, *, device=None, dtype=None, layer=None, with_projector: bool = False,
                  **options) -> VisionEncoder:
     """Load the vision tower a spec names, with its exact preprocessing and feature layer.
 
@@ -196,7 +129,8 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
     processor; tokens carry their layout on the image). Source-specific options (``vision_config=DIR``, ``image_size=448`` or ``"336x504"`` or
     ``(336, 504)``, height x width) pass through; ``device`` is checked before anything is read.
     """
-    source, target, weights = parse_spec(spec)
+    spec = Spec.parse(spec)
+    source = spec.source
     accepted = inspect.signature(source.load).parameters
     view = check_view(source, spec, options.pop("view", None))
     if "view" in accepted:
@@ -207,9 +141,7 @@ def load_encoder(spec: str, *, device=None, dtype=None, layer=None, with_project
     if "image_size" in options:
         options["image_size"] = parse_image_size(options["image_size"])
     device = parse_device(device)
-    if weights is not None:
-        weights = str(Path(weights).expanduser())
     with torch.random.fork_rng(devices=[]):  # random-init towers (timm:NAME) are the same on every load
         torch.manual_seed(0)
-        encoder = source.load(target, weights, spec=spec, layer=layer, with_projector=with_projector, **options)
+        encoder = source.load(spec.target, spec.weights, spec=spec, layer=layer, with_projector=with_projector, **options)
     return encoder.to(device=device, dtype=parse_dtype(dtype))

@@ -13,7 +13,7 @@ import torch
 from ..errors import SpecError
 from .base import LayerInfo, Preprocess, Tokens, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
-from .registry import register_source
+from .sources import Source
 
 # name@imagenet -> (asset, key converter, normalisation the weights were trained with)
 TF_LITE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite's TF pipeline: (x - 127) / 128
@@ -88,9 +88,6 @@ class TimmEncoder(VisionEncoder):
         return timm_head(self.module, tokens)
 
 
-@register_source("timm", description="timm models: timm:NAME (random init) or timm:NAME@weights "
-                 "(.safetensors, or a weights-only .pth), NAME@imagenet (built-in: " + ", ".join(BUILTIN_WEIGHTS) + ")",
-                 takes_weights=True)
 def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False):
     import timm
 
@@ -117,3 +114,9 @@ def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False
         layer=layer, with_projector=with_projector,
         details={"architecture": f"timm {name}", "weights": weights or "random init"},
     )
+
+
+SOURCE = Source(name="timm", load=load, detect_order=50,
+                description="timm models: timm:NAME (random init) or timm:NAME@weights "
+                "(.safetensors, or a weights-only .pth), NAME@imagenet (built-in: " + ", ".join(BUILTIN_WEIGHTS) + ")",
+                takes_weights=True)

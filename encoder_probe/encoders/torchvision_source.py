@@ -12,7 +12,7 @@ import torch
 from ..errors import SpecError
 from .base import LayerInfo, Preprocess, VisionEncoder
 from .checkpoint import CheckpointReader, load_into
-from .registry import register_source
+from .sources import Source
 from .timm_source import _map_tokens
 
 # name -> (asset, torchvision weights enum member whose file the asset is)
@@ -46,8 +46,6 @@ class TorchvisionEncoder(VisionEncoder):
         return tokens.patches.mean(1)
 
 
-@register_source("torchvision", description="torchvision CNNs: torchvision:NAME (random init), NAME@weights.pth, "
-                 "or NAME@imagenet (built-in: " + ", ".join(BUILTIN_WEIGHTS) + ")", takes_weights=True)
 def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False):
     import torchvision
 
@@ -74,3 +72,8 @@ def load(name: str, weights=None, *, spec: str, layer=None, with_projector=False
         layer=layer, with_projector=with_projector,
         details={"architecture": f"torchvision {name}", "weights": weights or "random init"},
     )
+
+
+SOURCE = Source(name="torchvision", load=load, detect_order=60,
+                description="torchvision CNNs: torchvision:NAME (random init), NAME@weights.pth, "
+                "or NAME@imagenet (built-in: " + ", ".join(BUILTIN_WEIGHTS) + ")", takes_weights=True)

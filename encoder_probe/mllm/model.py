@@ -277,10 +277,13 @@ def load_mllm(path, device=None, dtype=None, device_map=None):
     converted in memory (:func:`encoder_probe.mllm.convert.convert_pivot`). ``dtype`` ("bf16", torch.bfloat16, ...) and ``device_map``
     ("auto", a dict: accelerate's offload) are passed to ``from_pretrained``.
     """
+    from .convert import quiet
+    with quiet():  # transformers' loading chatter (tied weights, processors) is not the user's business
+        return _load_mllm(Path(path), device, dtype, device_map)
+
+
+def _load_mllm(path: Path, device, dtype, device_map) -> MLLM:
     from ..encoders.registry import parse_device, parse_dtype, read_config
-    from ..toy import _quiet
-    _quiet()
-    path = Path(path)
     config = read_config(path)
     dtype = parse_dtype(dtype)
     if "mm_vision_tower" in config:

@@ -106,44 +106,56 @@ def test_a_metric_left_out_as_undefined_is_na_not_a_regression(run_dir, tmp_path
     assert check(paths["b"], paths["c"], {"*": 0.2}).exit_code == 1  # merely missing still fails the gate
 
 
-def test_knn_leaves_out_top5_of_five_classes_or_fewer(monkeypatch):
-    import probes.knn as knn
+def test_knn_leaves_out_top5_of_five_classes_or_fewer():
+    from encoder_probe.context import Labelled
+    from probes.knn import KNNConfig, KNNProbe
 
-    class Train:  # what the probe reads of the train FeatureSet
+    class Features:  # what the probe reads of the train FeatureSet
         layers = ["final"]
 
         def __init__(self, n):
-            self.meta = {"data": {"num_classes": n}}
+            self.num_classes = n
+
+    class Context:  # what the probe asks of its run context
+        def __init__(self, labelled):
+            self._labelled = labelled
+
+        def labelled(self, cfg, layers=None, **kwargs):
+            return self._labelled
+
+        def device_for(self, cfg):
+            return "cpu"
 
     rng = np.random.default_rng(0)
     found = {}
     for n in (5, 6):
         y, yv = np.arange(4 * n) % n, np.arange(2 * n) % n
         x, xv = (np.eye(n, dtype=np.float32)[v] + 0.1 * rng.random((len(v), n), dtype=np.float32) for v in (y, yv))
-        monkeypatch.setattr(knn, "labelled_arrays", lambda *a, _r=(x, y, xv, yv, Train(n)): _r)
-        found[n] = knn.KNNProbe().run(None, None, {"ks": [3]}, {})
-    assert set(found[5]["metrics"]) == {"top1@k=3"} and found[5]["metrics"]["top1@k=3"]["value"] == 1.0
-    assert found[5]["undefined_metrics"] == {"top5@k=3": "top-5 of 5 classes is 1.0 by construction"}
-    assert set(found[6]["metrics"]) == {"top1@k=3", "top5@k=3"} and "undefined_metrics" not in found[6]
+        labelled = Labelled(x, y, xv, yv, Features(n), Features(n), np.array([f"val/{i}.png" for i in range(len(yv))]))
+        found[n] = KNNProbe().run(Context(labelled), KNNConfig(ks=[3]))
+    assert set(found[5].metrics) == {"top1@k=3"} and found[5].metrics["top1@k=3"].value == 1.0
+    assert found[5].undefined == {"top5@k=3": "top-5 of 5 classes is 1.0 by construction"}
+    assert set(found[6].metrics) == {"top1@k=3", "top5@k=3"} and not found[6].undefined
 
 
 # -- 2. progress bars ------------------------------------------------------------------------------
 def test_seg_and_gradcam_bars_name_the_probe_and_the_encoder(tmp_path, capsys):
-    from probes.gradcam import GradCAMProbe
-    from probes.seg import SegProbe
+    from encoder_probe.runner import run_probe
     ade = write_ade20k(tmp_path / "ade", n=2, num_classes=5, split="training")
     write_ade20k(ade, n=1, num_classes=5, split="validation", seed=1)
     images = write_imagefolder(tmp_path / "inet", per_class=2, size=(24, 24))
     write_imagefolder(images, per_class=1, split="val", seed=1, size=(24, 24))
     encoder = load_encoder("timm:test_vit")
-    seg = {"epochs": 1, "lrs": [0.01], "show": 0}
-    SegProbe().run(encoder, {"ade20k": str(ade)}, seg, {"cache": tmp_path / "cache", "progress": True})
-    gradcam = ({"imagenet": str(images), "ade20k": str(ade)}, {"target": "head", "limit": 1, "methods": ["gradcam"]})
-    GradCAMProbe().run(encoder, *gradcam, {"cache": tmp_path / "cache", "progress": True})
+    seg = run_probe("seg", encoder, data={"ade20k": str(ade)}, options={"epochs": 1, "lrs": [0.01], "show": 0},
+                    cache=tmp_path / "cache", progress=True)
+    assert seg["status"] == "ok", seg.get("error")
+    gradcam = dict(data={"imagenet": str(images), "ade20k": str(ade)},
+                   options={"target": "head", "limit": 1, "methods": ["gradcam"]}, cache=tmp_path / "cache")
+    assert run_probe("gradcam", encoder, progress=True, **gradcam)["status"] == "ok"
     err = capsys.readouterr().err  # not a terminal: the bars show all the same
     for desc in ("seg [timm:test_vit] lr sweep", "seg [timm:test_vit] refit", "gradcam [timm:test_vit] head maps"):
         assert re.search(re.escape(desc) + r": 100%\|.*\| \d+/\d+", err), (desc, err[-2000:])
-    GradCAMProbe().run(encoder, *gradcam, {"cache": tmp_path / "cache", "progress": False})
+    run_probe("gradcam", encoder, progress=False, **gradcam)
     assert capsys.readouterr().err == ""  # the run's progress flag turns every bar off
 
 

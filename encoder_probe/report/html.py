@@ -73,8 +73,8 @@ def markdown_report(result, images: dict[str, Path], out: Path) -> str:
     lines = ["# encoder-probe comparison", "", "## Runs", "",
              to_markdown(pd.DataFrame(_runs_rows(result), columns=RUN_COLUMNS))]
     lines += [f"> {note}" for note in result.notes]
-    lines += ["## Metrics", "", f"Value [95% CI]; Δ against {_reference(result)}; *outside noise* = the CIs do "
-              "not overlap; n/a = undefined for the run's data.", "", to_markdown(result.wide)]
+    lines += ["## Metrics", "", f"Value [95% CI]; Δ against {_reference(result)}; {NOISE_RULE}", "",
+              to_markdown(result.wide)]
     if result.failures:
         lines += ["## Failed probes", ""] + [f"- {run} / {probe}: `{error}`" for run, probe, error in result.failures]
         lines.append("")
@@ -85,6 +85,13 @@ def markdown_report(result, images: dict[str, Path], out: Path) -> str:
         lines += ["## Artifacts", ""]
         lines += [f"- {run} / {probe}: [{kind}]({os.path.relpath(path, out)})" for run, probe, kind, path in others]
     return "\n".join(lines) + "\n"
+
+
+NOISE_RULE = ("The 95% CIs are bootstrapped over the evaluation items (seeds [..]: the t-interval over training "
+              "seeds). A difference is outside the noise only when the bootstrap 95% CI of the difference excludes "
+              "0: paired when both runs scored the same items, unpaired (and noted) when their items differ; "
+              "for runs without per-item outcomes, when the two runs' CIs do not overlap (CIs apart). "
+              "n/a = undefined for the run's data.")
 
 
 def _reference(result) -> str:
@@ -113,8 +120,8 @@ def html_report(result, images: dict[str, Path], out: Path) -> str:
              "<h2>Runs</h2>", _html_table(RUN_COLUMNS, _runs_rows(result))]
     parts += [f"<p class=\"note\">{escape(note)}</p>" for note in result.notes]
     parts += ["<h2>Metrics</h2>",
-              f"<p>Value [95% CI]; Δ against {escape(_reference(result))}; highlighted = outside the noise "
-              "(the two CIs do not overlap); n/a = undefined for the run's data.</p>",
+              f"<p>Value [95% CI]; Δ against {escape(_reference(result))}; highlighted = outside the noise. "
+              f"{escape(NOISE_RULE)}</p>",
               _html_table(list(wide.columns), [list(r) for r in wide.itertuples(index=False)], classes)]
     if result.failures:
         parts.append("<h2>Failed probes</h2><ul>")

@@ -44,7 +44,7 @@ def metric_bars(table: pd.DataFrame, labels: list[str], path: str | Path, title:
         for i in np.flatnonzero(~present):
             ax.text(x[i], 0, "n/a", ha="center", va="bottom", fontsize=8, color="#666")
         has_ci = ~np.isnan(low) & present
-        if has_ci.any():  # error bars only where a run has a CI (seeds > 1)
+        if has_ci.any():  # error bars only where a run has a CI (over items; over seeds in older results)
             ax.errorbar(x[has_ci], values[has_ci], yerr=np.vstack([values - low, high - values])[:, has_ci],
                         fmt="none", ecolor="black", capsize=4)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)

@@ -3,9 +3,9 @@
 Everything a report shows comes from these files, so a malformed one stops a report in one
 line that names the file and the field, before anything is written.
 
-Version 2 (written by the runner)::
+Version 3 (written by the runner)::
 
-    schema_version  2
+    schema_version  3
     created         ISO time (UTC)
     encoder         {spec, source, fingerprint, layer, pooling, n_params, view?, tokens_per_image?}
                     view: "base" | "full" (absent in older files: base);
@@ -13,17 +13,25 @@ Version 2 (written by the runner)::
                     images the probes read (lm: what the MLLM's LM reads, image_newline tokens included),
                     or null when they could not be counted
     data            {dataset name: {root, splits: {split: size}, content_hash}}
-    options         the suite's shared probe options (seeds, per_class, solver, pool, ...)
-    probes          {name: {status: "ok", metrics: {metric: {value, values, ci95?, higher_is_better}},
-                            data, config, config_hash, wall_s, artifacts?: {kind: relative path},
-                            undefined_metrics?: {metric: why it is left out for this data}, ...}
+    options         the suite's options (seeds, bootstrap, per_class, ...)
+    probes          {name: {status: "ok",
+                            metrics: {metric: {value, higher_is_better, statistic?: {name, **params},
+                                               ci95?, ci?: {method: "bootstrap", over: "items", B, n, seed}
+                                                    | {method: "probe"},
+                                               values? (one per seed), seed_ci95? (t-interval over seeds)}},
+                            items?: {file?: "items/<probe>.npz" (beside results.json), n, ids_sha256},
+                            config (protocol settings only: hashed), config_hash, runtime (device, batch
+                            sizes...: never hashed), data, wall_s, artifacts?: {kind: relative path},
+                            undefined_metrics?: {metric: why it is left out for this data},
+                            unscored?: {metric: why no item could be scored}, ...}
                      | {status: "failed", error, traceback, wall_s}}
     config_hashes   {probe: config_hash}
     env             {python, packages: {name: version}, device, dtype}
     timings         {load_s, probes_s: {probe: s}, total_s}
 
-Version 1 files (no data/env/timings blocks) still read: the report only needs encoder.spec,
-encoder.fingerprint and probes.
+Version 2 files (no statistic/ci/items/runtime; ci95 is the t-interval over seeds and config holds
+runtime settings too) and version 1 files (no data/env/timings blocks) still read: the report
+only needs encoder.spec, encoder.fingerprint and probes.
 
 Order: a run dir's results.json files are read in the order they were run (their ``created``
 time, so ``probe run --encoder A --encoder B`` reads A first), not in the order of their
@@ -38,14 +46,42 @@ from pathlib import Path
 
 from ..errors import DataError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 STATUSES = ("ok", "failed")
 VIEWS = ("base", "full")
 
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_interval(where: str, ci) -> None:
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(_number(c) for c in ci)
+                               and ci[0] <= ci[1]):
+        raise ValueError(f"{where}: must be [low, high] with low <= high, got {ci!r}")
+
+
+def _check_relative(where: str, path) -> None:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: must be a path relative to the results.json dir")
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        raise ValueError(f"{where}: paths must be relative to the results.json dir, got {path!r}")
+
+
+def _check_ci_block(where: str, ci) -> None:
+    """How ci95 was made: a bootstrap over items (B resamples of n items, seeded) or the probe's own."""
+    if not (isinstance(ci, dict) and isinstance(ci.get("method"), str) and ci["method"]):
+        raise ValueError(f"{where}: must be an object with a method (bootstrap | probe)")
+    if ci["method"] == "bootstrap":
+        if not (_count(ci.get("B")) and ci["B"] >= 1 and _count(ci.get("n"))):
+            raise ValueError(f"{where}: a bootstrap needs B >= 1 resamples and n items, got {ci!r}")
+        if not isinstance(ci.get("over", "items"), str) or not isinstance(ci.get("seed", 0), int):
+            raise ValueError(f"{where}: over must be a string and seed an integer, got {ci!r}")
 
 
 def _check_metric(where: str, metric) -> None:
@@ -57,13 +93,31 @@ def _check_metric(where: str, metric) -> None:
         raise ValueError(f"{where}.value: must be finite, got {metric['value']}")
     if not isinstance(metric.get("higher_is_better"), bool):
         raise ValueError(f"{where}.higher_is_better: must be true or false")
-    ci = metric.get("ci95")
-    if ci is not None:
-        if not (isinstance(ci, list) and len(ci) == 2 and all(_number(c) for c in ci) and ci[0] <= ci[1]):
-            raise ValueError(f"{where}.ci95: must be [low, high] with low <= high, got {ci!r}")
+    _check_interval(f"{where}.ci95", metric.get("ci95"))
+    _check_interval(f"{where}.seed_ci95", metric.get("seed_ci95"))
     values = metric.get("values")
     if values is not None and not (isinstance(values, list) and all(_number(v) for v in values)):
         raise ValueError(f"{where}.values: must be a list of numbers")
+    statistic = metric.get("statistic")
+    if statistic is not None and not (isinstance(statistic, dict) and isinstance(statistic.get("name"), str)
+                                      and statistic["name"]):
+        raise ValueError(f"{where}.statistic: must be an object with a name (e.g. {{\"name\": \"mean\", "
+                         f"\"column\": \"top1\"}}), got {statistic!r}")
+    if "ci" in metric:
+        _check_ci_block(f"{where}.ci", metric["ci"])
+
+
+def _check_items(where: str, items) -> None:
+    """The per-item outcomes file a probe left beside results.json (what compare pairs)."""
+    if not isinstance(items, dict):
+        raise ValueError(f"{where}: must be an object with file, n and ids_sha256")
+    if "file" in items:
+        _check_relative(f"{where}.file", items["file"])
+    if not _count(items.get("n")):
+        raise ValueError(f"{where}.n: must be a count of items, got {items.get('n')!r}")
+    digest = items.get("ids_sha256")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"{where}.ids_sha256: must be 64 hex digits, got {digest!r}")
 
 
 def check_probe(name: str, probe) -> None:
@@ -80,22 +134,25 @@ def check_probe(name: str, probe) -> None:
         raise ValueError(f"{where}.metrics: must be an object of metrics")
     for metric, value in probe["metrics"].items():
         _check_metric(f"{where}.metrics.{metric}", value)
-    if "config" in probe and not isinstance(probe["config"], dict):
-        raise ValueError(f"{where}.config: must be an object")
+    for block in ("config", "runtime"):
+        if block in probe and not isinstance(probe[block], dict):
+            raise ValueError(f"{where}.{block}: must be an object")
+    if "items" in probe:
+        _check_items(f"{where}.items", probe["items"])
     if "config_hash" in probe and not isinstance(probe["config_hash"], str):
         raise ValueError(f"{where}.config_hash: must be a string")
     artifacts = probe.get("artifacts", {})
     if not (isinstance(artifacts, dict) and all(isinstance(v, str) for v in artifacts.values())):
         raise ValueError(f"{where}.artifacts: must map kind -> relative path")
-    bad = [v for v in artifacts.values() if Path(v).is_absolute() or ".." in Path(v).parts]
-    if bad:
-        raise ValueError(f"{where}.artifacts: paths must be relative to the results.json dir, got {bad[0]!r}")
+    for kind, path in artifacts.items():
+        _check_relative(f"{where}.artifacts.{kind}", path)
     warnings = probe.get("warnings", [])
     if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
         raise ValueError(f"{where}.warnings: must be a list of strings")
-    undefined = probe.get("undefined_metrics", {})
-    if not (isinstance(undefined, dict) and all(isinstance(v, str) for v in undefined.values())):
-        raise ValueError(f"{where}.undefined_metrics: must map metric -> why it is left out")
+    for key in ("undefined_metrics", "unscored"):
+        reasons = probe.get(key, {})
+        if not (isinstance(reasons, dict) and all(isinstance(v, str) for v in reasons.values())):
+            raise ValueError(f"{where}.{key}: must map metric -> why it is left out")
 
 
 def _check_token_counts(counts) -> None:

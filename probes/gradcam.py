@@ -2,10 +2,12 @@
 
 Targets (``target``; "auto" picks mllm > text > head):
 
-- ``head``: the logit of the image's class under a linear head on the pooled tokens of the
-  encoder's layer, fitted here on the classification data (sklearn's objective, C=``C``, on
-  standardised features; the demo data by default). Images whose class the head does not know
-  (real-masks photos) use the head's predicted class, scored against all object pixels.
+- ``head``: the logit of the image's class under the ``imagenet`` probe's own refit head (seed 0:
+  its pooling, layer and standardisation), taken from that probe's result in this run, which runs
+  first when the suite has not run it yet; so the maps explain the very classifier that probe
+  scored, whatever the suite order. ``classifier=model``: the model's own classifier instead (no
+  linear probe runs). Images whose class the head does not know (real-masks photos) use the
+  head's predicted class, scored against all object pixels.
 - ``text``: cosine similarity of the tower's own image embedding with "a photo of a {class}."
   (open_clip, HF CLIP / SigLIP dual-tower dirs).
 - ``mllm``: the MLLM's own answer log-likelihood, SFT or DPO loss of VQA records (``--data
@@ -16,7 +18,9 @@ Targets (``target``; "auto" picks mllm > text > head):
 Methods: gradcam, gradient-norm (PIVOT), grad-x-act, all from one batched forward/backward
 (:mod:`encoder_probe.attribution`). Localisation (pointing game, energy in mask) against the
 object masks of the segmentation data (the demo scenes by default; ``--data real-masks``).
-Writes ``maps.npz`` (raw maps, per-image magnitudes, classes, scores) and ``overlay.png``.
+Per-item outcomes: each image's (VQA: ``record:<i>``) ``pointing_game@<method>`` and
+``energy_in_mask@<method>`` (NaN: not scored), so the bootstrap and paired comparisons resample
+images. Writes ``maps.npz`` (raw maps, per-image magnitudes, classes, scores) and ``overlay.png``.
 
 View ``full`` (MLLM encoders reading several views): maps are per token
 over each image's whole sequence (:func:`encoder_probe.attribution.sequence_gradients`; Grad-CAM
@@ -30,11 +34,10 @@ again); ``painted/<method>`` holds the overlay rows' maps painted at ``OVERLAY_S
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,54 +45,44 @@ import torch
 
 from encoder_probe.attribution import METHODS, sequence_gradients, token_gradients
 from encoder_probe.cache import atomic_write_bytes
+from encoder_probe.data.base import IGNORE_INDEX
 from encoder_probe.errors import DataError, SpecError
+from encoder_probe.items import Items
 from encoder_probe.localization import chance, object_masks, scores
-from encoder_probe.probe import artifact_dir, config_from, config_hash, pick_dataset, summarize
+from encoder_probe.mllm.model import LOSSES
+from encoder_probe.probe import Metric, Needs, Probe, ProbeResult, protocol, runtime, split_config
 
 TARGETS = ("auto", "head", "text", "mllm")
+CLASSIFIERS = ("fit", "model")  # head target: the imagenet probe's refit head, or the model's own classifier
+SCORES = ("pointing_game", "energy_in_mask")
+HEAD_PROBE = "imagenet"  # whose head target head explains
+MLLM_SOURCES = ("llava", "hf-mllm", "qwen2-vl")
 OVERLAY_SIDE = 256  # view full: overlay rows are photo and painted maps resized to this square
 
 
 @dataclass
 class GradCAMConfig:
-    target: str = "auto"
-    methods: list = field(default_factory=lambda: list(METHODS))
-    limit: int | None = 60  # images (mllm: records) mapped and scored
-    batch_size: int = 16
-    pool: str = "mean"  # head target: pooling the head reads
-    C: float = 1.0  # head target: inverse regularisation of the fitted head
-    classifier: str = "fit"  # head target: "fit" a head here, or the "model"'s own classifier (ImageNet models)
-    per_class: int | None = None  # head target: train images per class for the fit
-    prompt: str = "a photo of a {}."  # text target
-    loss: str = "sft"  # mllm target: logprob | sft | dpo
-    beta: float = 0.1  # mllm target, dpo
-    dpo_reference: str | None = None  # mllm target, dpo: reference checkpoint (default: the model itself)
-    mllm_dtype: str | None = None  # mllm target: load the MLLM in this dtype (bf16, fp16; default the encoder's)
-    device_map: str | None = None  # mllm target: transformers' device_map ("auto": spread over GPUs, offload to CPU)
-    tolerance: int = 0  # pointing game: pixels of slack around the mask
-    overlay_rows: int = 8
-    device: str | None = None
+    target: str = protocol("auto", choices=TARGETS, help="what the maps explain (auto: mllm > text > head)")
+    methods: list[str] = protocol(list(METHODS), choices=tuple(METHODS), help="attribution methods")
+    limit: int | None = protocol(60, min=1, help="images (mllm: records) mapped and scored (null: all)")
+    classifier: str = protocol("fit", choices=CLASSIFIERS,
+                               help="head target: 'fit' = the imagenet probe's refit head, 'model' = its own")
+    prompt: str = protocol("a photo of a {}.", help="text target: '{}' is the class name")
+    loss: str = protocol("sft", choices=LOSSES, help="mllm target: what the maps explain")
+    beta: float = protocol(0.1, gt=0, help="mllm target, loss dpo")
+    dpo_reference: str | None = protocol(None, help="mllm target, loss dpo: reference checkpoint (default: itself)")
+    tolerance: int = protocol(0, min=0, help="pointing game: pixels of slack around the mask")
+    batch_size: int = runtime(16, min=1, help="images per forward/backward")
+    overlay_rows: int = runtime(8, min=1, help="images drawn in overlay.png")
+    device: str | None = runtime(None, help="mllm target: where the MLLM runs (default: the encoder's device)")
+    device_map: str | None = runtime(None, help="mllm target: transformers' device_map ('auto': spread, offload)")
+    mllm_dtype: str | None = runtime(None, help="mllm target: load the MLLM in this dtype (default: the encoder's)")
 
-    @classmethod
-    def from_options(cls, options: dict | None) -> "GradCAMConfig":
-        config = config_from(cls, options)
-        if isinstance(config.methods, str):
-            config.methods = [m.strip() for m in config.methods.split(",") if m.strip()]
-        unknown = [m for m in config.methods if m not in METHODS]
-        if unknown or not config.methods:
-            raise SpecError(f"gradcam: unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
-        if config.target not in TARGETS:
-            raise SpecError(f"gradcam: target must be one of {', '.join(TARGETS)}, got {config.target!r}")
-        if config.batch_size < 1 or (config.limit is not None and config.limit < 1) or config.tolerance < 0:
-            raise SpecError("gradcam: need batch_size >= 1, limit >= 1 (or null) and tolerance >= 0")
-        from encoder_probe.mllm.model import LOSSES
-        if config.loss not in LOSSES:
-            raise SpecError(f"gradcam: mllm loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
-        if config.classifier not in ("fit", "model"):
-            raise SpecError(f"gradcam: classifier must be 'fit' or 'model', got {config.classifier!r}")
-        if "{}" not in config.prompt:
-            raise SpecError(f"gradcam: prompt must contain '{{}}' for the class name, got {config.prompt!r}")
-        return config
+    def check(self):
+        if not self.methods:
+            raise ValueError(f"methods: give at least one of {', '.join(METHODS)}")
+        if "{}" not in self.prompt:
+            raise ValueError(f"prompt must contain '{{}}' for the class name, got {self.prompt!r}")
 
 
 # -- the items a run maps ------------------------------------------------------------------------
@@ -98,64 +91,63 @@ def _runs_as_mllm(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def _mask_dataset(data, preprocess, limit):
-    from encoder_probe.data import open_dataset
-    name, root = pick_dataset(data, "segmentation", default="ade20k")
-    dataset = open_dataset(name, root, "val").with_transform(preprocess)
-    return dataset, range(min(len(dataset), limit or len(dataset)))
-
-
 def _dominant(mask: torch.Tensor) -> int:
     """The most frequent object label of a train-id mask (-1 when it has none)."""
-    labels = mask[(mask != 0) & (mask != 255)].long()
+    labels = mask[(mask != 0) & (mask != IGNORE_INDEX)].long()
     return int(labels.bincount().argmax()) if labels.numel() else -1
 
 
+def _no_gradient(encoder, kind: str) -> SpecError:
+    return SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} no gradient "
+                     "(the score reads only prefix tokens, e.g. a CLS-pooled embedding); pick another layer, pool "
+                     "or target")
+
+
+def _plain(iterable, **_):
+    """A bar that draws nothing (mapping functions called outside a run)."""
+    return iterable
+
+
 # -- targets -----------------------------------------------------------------------------------------
-def _saved_head(encoder, data, config, context):
-    """The `imagenet` probe's own refit head from this run's output (same pooling, layer and data), or None."""
-    import json
+def _digest(head: dict) -> str:
+    """16 hex digits over the head's arrays: the same digest is the same head."""
+    h = hashlib.sha256()
+    for key in ("weight", "bias", "mean", "std"):
+        h.update(np.ascontiguousarray(head[key], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
-    from safetensors.numpy import load_file
 
-    from encoder_probe.data import open_dataset
+def _linear_head(ctx):
+    """The imagenet probe's refit head (seed 0) from its result in this run, whatever the suite
+    order: (target, what it is, the protocol it was fitted under)."""
     from encoder_probe.targets import HeadTarget
-    out = context.get("out")
-    path = Path(out) / encoder.fingerprint[:16] / "imagenet" / "head.safetensors" if out is not None else None
-    if path is None or not path.is_file():
-        return None
-    from safetensors import safe_open
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
-    name, root = pick_dataset(data, "classification", default="imagenet")
-    if (meta.get("pool"), meta.get("layer"), meta.get("root")) != \
-            (config.pool, json.dumps(encoder.layer), str(open_dataset(name, root, "train").root)):
-        return None  # a head of another protocol or dataset (an older run in the same directory)
-    arrays = load_file(str(path))
-    names = json.loads(meta["class_names"])
-    head = HeadTarget(encoder, arrays["weight"], arrays["bias"], pool=config.pool, mean=arrays["mean"],
-                      std=arrays["std"], class_names=names)
-    return head, {"from": "the imagenet probe's refit head", "file": str(path), "fitted_on": meta["root"],
-                  "classes": names}
+    result = ctx.output(HEAD_PROBE)
+    head = result.outputs.get("head")
+    if head is None:
+        why = result.outputs.get("head_unavailable", "it returned none")
+        raise SpecError(f"gradcam target head explains the {HEAD_PROBE} probe's refit head, which is not a linear "
+                        f"map of one layer's standardised pooled tokens here: {why}")
+    target = HeadTarget(ctx.encoder, head["weight"], head["bias"], pool=head["pool"], mean=head["mean"],
+                        std=head["std"], layer=head["layer"], class_names=head["class_names"])
+    info = {"from": f"the {HEAD_PROBE} probe's refit head", "C": head["C"], "fitted_on": head["root"],
+            "pool": head["pool"], "layer": head["layer"], "classes": list(head["class_names"]),
+            "digest": _digest(head)}
+    top1 = result.metrics.get("top1")
+    if top1 is not None:
+        info["val_top1"] = (top1.values or [top1.value])[0]  # seed 0's: the head explained here
+    return target, info, {"head": split_config(ctx.config_of(HEAD_PROBE))[0]}
 
 
-def _fit_head(encoder, data, config, context):
-    """A logistic head on standardised pooled features of the classification data."""
-    from encoder_probe.data import DATASETS
-    from encoder_probe.logreg import LogisticRegression
-    from encoder_probe.probe import labelled_arrays
-    from encoder_probe.targets import HeadTarget
-    labelled = {k: v for k, v in (data or {}).items() if DATASETS[k].task == "classification"} or None
-    x, y, xv, yv, train = labelled_arrays(encoder, labelled, config, context)
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    clf = LogisticRegression(C=config.C, device=config.device, n_classes=len(train.class_names))
-    clf.fit((x - mean) / std, y)
-    weight, bias = clf.head()  # full width: two classes are sklearn's binomial model, as logits (0, w.x + b)
-    head = HeadTarget(encoder, weight, bias, pool=config.pool,
-                      mean=mean, std=std, class_names=train.class_names)
-    info = {"fitted_on": train.meta["data"]["root"], "train": len(y), "C": config.C,
-            "val_top1": clf.score((xv - mean) / std, yv), "classes": train.class_names}
-    return head, info
+def _target(ctx, cfg: GradCAMConfig, kind: str, dataset):
+    """(the score the maps explain, details of it, protocol facts of it)."""
+    from encoder_probe.targets import TextTarget, own_classifier
+    if kind == "text":
+        return TextTarget(ctx.encoder, [cfg.prompt.format(n) for n in dataset.class_names]), {}, {}
+    if cfg.classifier == "model":
+        target, info = own_classifier(ctx.encoder)
+        return target, {"head": info}, {}
+    target, info, protocol = _linear_head(ctx)
+    return target, {"head": info}, protocol
 
 
 def _resolve_target(encoder, config) -> str:
@@ -168,69 +160,57 @@ def _resolve_target(encoder, config) -> str:
     return "text" if has_text_tower(encoder) else "head"
 
 
-class GradCAMProbe:
+class GradCAMProbe(Probe):
     name = "gradcam"
-    needs = ("masks",)
+    needs = Needs(data=("segmentation", "vqa"), probes=(HEAD_PROBE,))  # the head only for target head + fit
+    Config = GradCAMConfig
 
-    def run(self, encoder, data, options=None, context=None) -> dict:
-        start = time.perf_counter()
-        context = context or {}
-        config = GradCAMConfig.from_options(options)
-        kind = _resolve_target(encoder, config)
+    def run(self, ctx, cfg: GradCAMConfig) -> ProbeResult:
+        encoder = ctx.encoder
+        kind = _resolve_target(encoder, cfg)
         full = getattr(encoder, "view", "base") == "full"
-        extra = {}
+        info, protocol, details = {"kind": kind}, {"target": kind}, {}
         if kind == "mllm":
-            result, dataset = _map_mllm(encoder, data, config, context, extra)
-            items = result["index"]
+            result, dataset = _map_mllm(ctx, cfg, info)
+            ids = [f"record:{i}" for i in result["index"]]
         else:
-            dataset, rows = _mask_dataset(data, encoder.base_preprocess if full else encoder.preprocess,
-                                          config.limit)
-            items = list(rows)
-            if kind == "head":
-                from encoder_probe.targets import own_classifier
-                target, extra["head"] = own_classifier(encoder) if config.classifier == "model" else \
-                    _saved_head(encoder, data, config, context) or _fit_head(encoder, data, config, context)
-            elif kind == "text":
-                from encoder_probe.targets import TextTarget
-                names = dataset.class_names
-                target = TextTarget(encoder, [config.prompt.format(n) for n in names])
-            else:
-                raise SpecError(f"gradcam: unknown target {kind!r}")
-        if kind != "mllm":
-            result = (_map_all_full if full else _map_all)(encoder, dataset, items, target, kind, config,
-                                                          context.get("progress", True))
-        used = {**asdict(config), "target": kind, "layer": encoder.layer}
-        means = {f"{score}@{m}": _mean(result["scores"][m][score])
-                 for m in config.methods for score in ("pointing_game", "energy_in_mask")}
-        out = {
-            "metrics": {name: summarize([value]) for name, value in means.items() if np.isfinite(value)},
-            "baseline": {"mask_fraction": float(np.mean(result["chance"])),
-                         "note": "a uniform map's energy_in_mask, and a random point's pointing-game hit rate"},
-            "magnitudes": {m: {"mean_l1": float(result["magnitude"][m][:, 0].mean()),
-                               "mean_max": float(result["magnitude"][m][:, 1].mean())} for m in config.methods},
-            "data": {"images": len(items), "root": str(dataset.root),
-                     "grid": list(result["grid"]) if result["grid"] is not None else None},
-            "target": {"kind": kind, **extra},
-            "config": used, "config_hash": config_hash(used),
-        }
-        unscored = sorted(name for name, value in means.items() if not np.isfinite(value))
-        if unscored and not np.isnan(result["chance"]).all():  # e.g. a signed grad-x-act map with no positive part
-            out["unscored"] = {name: "no image could be scored (its map has no positive energy on any image)"
-                               for name in unscored}
+            dataset = ctx.dataset("segmentation", "val").with_transform(
+                encoder.base_preprocess if full else encoder.preprocess)
+            rows = list(range(min(len(dataset), cfg.limit or len(dataset))))
+            target, about, known = _target(ctx, cfg, kind, dataset)
+            info.update(about)
+            protocol.update(known)
+            details["layers"] = ["final" if kind == "text" else target.layer if target.layer is not None
+                                 else encoder.layer]
+            result = (_map_all_full if full else _map_all)(encoder, dataset, rows, target, kind, cfg, ctx.bar)
+            ids = ctx.item_ids(dataset, rows)
+        scored = not np.isnan(result["chance"]).all()  # VQA records without any mask: mapped, not scored
+        columns = {f"{score}@{m}": result["scores"][m][score].astype(np.float64)[None]
+                   for m in cfg.methods for score in SCORES}
+        means = {name: _mean(values[0]) for name, values in columns.items()}
+        metrics = {name: Metric(value, statistic={"name": "mean", "column": name})
+                   for name, value in means.items() if scored and np.isfinite(value)}
+        unscored = {name: "no image could be scored (its map has no positive energy on any image)"
+                    for name, value in means.items() if scored and not np.isfinite(value)}  # e.g. signed grad-x-act
+        details.update(
+            baseline={"mask_fraction": float(np.mean(result["chance"])),
+                      "note": "a uniform map's energy_in_mask, and a random point's hit rate in the pointing game"}
+            if scored else {"note": "the VQA records have no masks: localisation not scored"},
+            magnitudes={m: {"mean_l1": float(result["magnitude"][m][:, 0].mean()),
+                            "mean_max": float(result["magnitude"][m][:, 1].mean())} for m in cfg.methods},
+            data={"images": len(ids), "root": str(dataset.root),
+                  "grid": list(result["grid"]) if result["grid"] is not None else None},
+            target=info)
         if kind == "mllm":
-            out["target"]["loss_value_mean"] = float(result["loss_values"].mean())
-            if np.isnan(result["chance"]).all():
-                out["metrics"] = {}
-                out["baseline"] = {"note": "the VQA records have no masks: localisation not scored"}
+            info["loss_value_mean"] = float(result["loss_values"].mean())
         if "offsets" in result:
             counts = np.diff(result["offsets"])
-            out["data"].update(view="full" if full else "base", tokens_per_image={"min": int(counts.min()), "mean": float(counts.mean()),
-                                                              "max": int(counts.max())})
-        folder = artifact_dir(encoder, context, self.name)
-        if folder is not None:
-            out["artifacts"] = _write_artifacts(folder, result, dataset, encoder, config)
-        out["wall_s"] = round(time.perf_counter() - start, 3)
-        return out
+            details["data"].update(view="full" if full else "base", tokens_per_image={
+                "min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max())})
+        artifacts = _write_artifacts(ctx.out, result, dataset, encoder, cfg) if ctx.out is not None else {}
+        items = Items(ids, {name: columns[name] for name in metrics}) if metrics else None
+        return ProbeResult(metrics=metrics, items=items, details=details, protocol=protocol, artifacts=artifacts,
+                           unscored=unscored)
 
 
 def _mean(values: np.ndarray) -> float:
@@ -239,18 +219,14 @@ def _mean(values: np.ndarray) -> float:
     return float(finite.mean()) if len(finite) else float("nan")
 
 
-def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
+def _map_all(encoder, dataset, items, target, kind, config, bar=_plain) -> dict:
     """Maps, magnitudes and localisation scores of every item, batch by batch."""
-    from tqdm.auto import tqdm
     maps = {m: [] for m in config.methods}
     per = {m: {"pointing_game": [], "energy_in_mask": []} for m in config.methods}
     keep = {"index": [], "classes": [], "chance": [], "images": [], "inside": [], "labels": []}
     grid = None
     batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
-    from encoder_probe.encoders.registry import short_spec
-    bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps", unit="batch", disable=not progress,
-               file=sys.stderr)
-    for batch in bar:
+    for batch in bar(batches, desc=f"{kind} maps", unit="batch"):
         index = list(batch)
         samples = [dataset[i] for i in index]
         bad = [s for s in samples if not isinstance(s, dict)]
@@ -262,9 +238,7 @@ def _map_all(encoder, dataset, items, target, kind, config, progress) -> dict:
         rows, classes = _rows(target, kind, batch, dataset, mask_class, pixels)
         act, grad = token_gradients(target, pixels, rows)
         if not grad.any():
-            raise SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} no "
-                            "gradient (the score reads only prefix tokens, e.g. a CLS-pooled embedding); "
-                            "pick another layer, pool or target")
+            raise _no_gradient(encoder, kind)
         out = {m: METHODS[m].from_gradients(act, grad) for m in config.methods}
         inside, valid = object_masks(masks, classes)
         grid = tuple(next(iter(out.values())).shape[-2:])
@@ -304,25 +278,18 @@ def _full_item(dataset, index: int, encoder):
     return image, encoder.transform(image), torch.from_numpy(np.ascontiguousarray(labels))
 
 
-def _map_all_full(encoder, dataset, items, target, kind, config, progress) -> dict:
+def _map_all_full(encoder, dataset, items, target, kind, config, bar=_plain) -> dict:
     """View full: per-token maps of every image, painted on the photo and scored at its mask's size."""
-    from tqdm.auto import tqdm
-
-    from encoder_probe.encoders.registry import short_spec
     batches = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
-    bar = tqdm(batches, desc=f"gradcam [{short_spec(encoder.spec)}] {kind} maps (view full)", unit="batch",
-               disable=not progress, file=sys.stderr)
 
     def entries():
-        for batch in bar:
+        for batch in bar(batches, desc=f"{kind} maps (view full)", unit="batch"):
             photos, processed, masks = zip(*(_full_item(dataset, i, encoder) for i in batch))
             mask_class = torch.tensor([_dominant(m) for m in masks])
             rows, classes = _rows(target, kind, batch, dataset, mask_class, list(processed))
             grads = sequence_gradients(target, list(processed), rows)
             if not any(g.grad.any() for g in grads):
-                raise SpecError(f"{encoder.spec}: target {kind!r} gives the patch tokens of layer {encoder.layer} "
-                                "no gradient (the score reads only prefix tokens, e.g. a CLS-pooled embedding); "
-                                "pick another layer, pool or target")
+                raise _no_gradient(encoder, kind)
             for j, (g, photo, mask) in enumerate(zip(grads, photos, masks)):
                 yield g, photo, mask, int(classes[j]), _labels(target, kind, rows[j:j + 1])[0]
 
@@ -382,52 +349,47 @@ def _collect(entries, index, config) -> dict:
             "painted": {m: torch.stack(v).numpy() for m, v in keep["painted"].items()}}
 
 
-def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object]:
+def _map_mllm(ctx, config, extra: dict) -> tuple[dict, object]:
     """The MLLM's own loss on VQA records, attributed to the visual tokens its LM reads (all views,
     or the base view in view base), painted on each photo through the token boxes."""
-    from tqdm.auto import tqdm
-
     from encoder_probe.attribution import SequenceGradients
-    from encoder_probe.encoders.registry import short_spec
     from encoder_probe.mllm import base_view, keep_view, load_mllm, loss_gradient, reference_logprobs
+    encoder = ctx.encoder
     path = _mllm_dir(encoder)
     if path is None:
         raise SpecError(f"{encoder.spec}: target 'mllm' needs an MLLM checkpoint dir (LLaVA, LLaVA-NeXT, "
                         "LLaVA-OneVision, Qwen2/2.5-VL, InternVL, a LLaVA-NeXT / PIVOT training dir)")
-    dataset = _vqa_records(data)
-    if data and "vqa" not in data:
+    dataset = ctx.dataset("vqa", "val", demo_fallback=True)
+    if ctx.used_demo_for("vqa"):
         extra["note"] = "target mllm reads VQA records (--data vqa=FILE); the demo's were used, --data was not read"
+    where = getattr(dataset, "file", dataset.root)
     count = min(len(dataset.records), config.limit or len(dataset.records))
     photos = [_vqa_photo(dataset, i) for i in range(count)]
     items = list(zip(photos, dataset.records[:count]))
-    progress = context.get("progress", True)
     references = [None] * count
-    placement = {"device": None if config.device_map else encoder.device,
+    placement = {"device": None if config.device_map else ctx.device_for(config),
                  "dtype": config.mllm_dtype or encoder.dtype, "device_map": config.device_map}
     if config.loss == "dpo" and config.dpo_reference:
         reference = load_mllm(config.dpo_reference, **placement)
         try:
-            references = reference_logprobs(reference, tqdm(items, desc="gradcam dpo reference log-probs",
-                                                             unit="record", disable=not progress, file=sys.stderr))
+            references = reference_logprobs(reference, ctx.bar(items, desc="dpo reference log-probs", unit="record"))
         except ValueError as e:
-            raise DataError(f"{getattr(dataset, 'file', dataset.root)}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
         reference.free()  # first, and freed: the policy is loaded only once the reference is gone
         del reference
         extra["dpo_reference"] = str(config.dpo_reference)
     mllm = load_mllm(path, **placement)
     base = getattr(encoder, "view", "base") != "full"
-    extra.update(loss=config.loss, family=mllm.family,
-                 tokens="base view" if base else "every view the LM reads",
-                 records=str(getattr(dataset, "file", dataset.root)))
-    bar = tqdm(items, desc=f"gradcam [{short_spec(encoder.spec)}] mllm {config.loss} maps", unit="record",
-               disable=not progress, file=sys.stderr)
+    extra.update(loss=config.loss, family=mllm.family, tokens="base view" if base else "every view the LM reads",
+                 records=str(where))
+    bar = ctx.bar(items, desc=f"mllm {config.loss} maps", unit="record")
 
     def entries():
         for i, ((photo, record), ref) in enumerate(zip(bar, references)):
             try:
                 g = loss_gradient(mllm, photo, record, config.loss, beta=config.beta, reference=ref)
             except ValueError as e:  # a record the checkpoint's processor or template cannot take
-                raise DataError(f"{getattr(dataset, 'file', dataset.root)}: record {i + 1}: {e}") from None
+                raise DataError(f"{where}: record {i + 1}: {e}") from None
             if base:
                 g = keep_view(g, base_view(g.layout))
             seen.append(g.value)
@@ -444,15 +406,7 @@ def _map_mllm(encoder, data, config, context, extra: dict) -> tuple[dict, object
 
 def _mllm_dir(encoder) -> Path | None:
     """The checkpoint dir of an encoder read from an MLLM (any family, LLaVA-NeXT / PIVOT dirs)."""
-    if encoder.source not in ("llava", "hf-mllm", "qwen2-vl"):
-        return None
-    return Path(encoder.spec.split("@")[0])
-
-
-def _vqa_records(data):
-    from encoder_probe.data import open_dataset
-    name, root = pick_dataset(data if data and "vqa" in data else None, "vqa", default="vqa")
-    return open_dataset(name, root, "val")
+    return encoder.spec.path if encoder.source in MLLM_SOURCES else None
 
 
 def _vqa_photo(dataset, i):
@@ -506,8 +460,7 @@ def _write_artifacts(folder: Path, result: dict, dataset, encoder, config) -> di
     n = len(images)
     overlay_grid(images, {m: result["maps"][m][:n] for m in config.methods}, folder / "overlay.png",
                  masks=result["inside"], row_labels=result["labels"])
-    rel = folder.name
-    return {"maps": f"{rel}/maps.npz", "overlay": f"{rel}/overlay.png"}
+    return {"maps": folder / "maps.npz", "overlay": folder / "overlay.png"}
 
 
 def _write_full_artifacts(folder: Path, result: dict, dataset, config) -> dict:
@@ -527,4 +480,4 @@ def _write_full_artifacts(folder: Path, result: dict, dataset, config) -> dict:
     atomic_write_bytes(folder / "maps.npz", buffer.getvalue())
     overlay_grid(result["images"].astype(np.float32) / 255, {m: result["painted"][m] for m in config.methods},
                  folder / "overlay.png", masks=result["inside"], row_labels=result["labels"])
-    return {"maps": f"{folder.name}/maps.npz", "overlay": f"{folder.name}/overlay.png"}
+    return {"maps": folder / "maps.npz", "overlay": folder / "overlay.png"}

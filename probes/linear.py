@@ -1,89 +1,70 @@
 """`imagenet` (alias `linear`): multinomial logistic regression on frozen pooled features.
 
-Protocol (leak-free): the regularisation C is chosen on a seeded, stratified 10% of the *train*
-split (fit on the other 90%, warm-started along the C path); the winner is refit on the whole
-train split and scored once on val. Features are standardised (or L2-normalised) with
-statistics of the rows being fit, never of held-out or val rows. ``seeds > 1`` reruns split and
-fit per seed; metrics are mean and 95% CI. ``solver="sklearn"`` runs the CLIP recipe
-(sklearn LogisticRegression, lbfgs, max_iter 1000) on the same grid, for parity checks; a C
-is sklearn's C for every class count (two classes: sklearn's binomial model, in both solvers).
+Protocol (leak-free, :func:`encoder_probe.selection.select_and_refit`): the regularisation C is
+chosen on a seeded, stratified ``holdout`` fraction of the *train* split (fit on the rest, warm-started
+along the C path); the winner is refit on the whole train split and scored once on val. Features
+are standardised (or L2-normalised) with statistics of the rows being fit, never of held-out or
+val rows. ``solver="sklearn"`` runs the CLIP recipe (sklearn LogisticRegression, lbfgs,
+max_iter 1000) on the same grid, for parity checks; a C is sklearn's C for every class count (two
+classes: sklearn's binomial model, in both solvers).
+
+Each val image's outcome is kept (hit at top-1 / top-5, prediction, rank of its true class), so
+the runner's bootstrap puts a CI over the val images on every metric. ``seeds > 1`` reruns what
+is stochastic in training per seed: the held-out split and, with ``per_class``, the train
+subsample (val is the same images for every seed); a metric is the mean over seeds.
 
 Every fit's convergence (iterations, gradient, converged) is recorded; a refit that did not
 converge is named in the result's ``warnings``, which the report shows. top-5 is left out
-when there are 5 classes or fewer (it would be 1.0 by construction).
+when there are 5 classes or fewer (it would be 1.0 by construction). The seed-0 refit head is
+handed to probes that need it (gradcam) as ``outputs["head"]`` and saved as
+``imagenet/head.safetensors``.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from encoder_probe.errors import SpecError
+from encoder_probe.features import POOLS
+from encoder_probe.items import Items, stack_seeds
 from encoder_probe.logreg import LogisticRegression, fit_path, fits_in_memory, linear_head
-from encoder_probe.probe import artifact_dir, config_from, config_hash, labelled_arrays, last_layers, summarize
+from encoder_probe.normalize import NORMALIZE, Normalizer
+from encoder_probe.probe import Needs, Probe, ProbeResult, last_layers, over_seeds, protocol, runtime, topk_defined
+from encoder_probe.selection import select_and_refit
 
-NORMALIZE = ("standardize", "l2")
 SOLVERS = ("torch", "sklearn")
+# each metric and how the bootstrap recomputes it from the per-item columns (encoder_probe.bootstrap)
+METRICS = {"top1": {"name": "mean", "column": "top1"}, "top5": {"name": "mean", "column": "top5"},
+              "mean_per_class_recall": {"name": "class_recall", "pred": "pred", "label": "label"}}
 
 
 @dataclass
 class LinearConfig:
-    pool: str = "mean"
-    last_layers: int = 1  # > 1: concatenate the last K blocks' pooled features (DINOv2)
-    normalize: str = "standardize"
-    Cs: list = field(default_factory=lambda: np.logspace(-3, 3, 13).tolist())
-    holdout: float = 0.1
-    seeds: int = 1
-    solver: str = "torch"
-    per_class: int | None = None
-    batch_size: int = 64
-    max_iter: int = 1000
-    sweep_tol: float = 1e-2  # the sweep only ranks C: relative gradient ||g|| / (lam ||W||) of each fit
-    tol: float = 1e-3  # of the final refit: W within ~0.1% of the optimum
-    device: str | None = None
+    pool: str = protocol("mean", choices=POOLS)
+    last_layers: int = protocol(1, min=1, help="> 1: concatenate the last K blocks' pooled features (DINOv2)")
+    normalize: str = protocol("standardize", choices=NORMALIZE, help="statistics of the rows being fit")
+    Cs: list[float] = protocol(np.logspace(-3, 3, 13).tolist(), gt=0, help="the C grid swept on held-out train")
+    holdout: float = protocol(0.1, gt=0, lt=1, help="fraction of train (per class) the sweep scores on")
+    solver: str = protocol("torch", choices=SOLVERS, help="sklearn: the CLIP recipe, for parity checks")
+    per_class: int | None = protocol(None, min=1, help="K train/val images per class (default: all)")
+    max_iter: int = protocol(1000, min=1)
+    sweep_tol: float = protocol(1e-2, gt=0, help="the sweep only ranks C: relative gradient of each fit")
+    tol: float = protocol(1e-3, gt=0, help="of the final refit: W within ~tol of the optimum")
+    seeds: int = runtime(1, min=1, help="reruns of the held-out split and (per_class) the train subsample")
+    batch_size: int = runtime(64, min=1, help="extraction batch")
+    device: str | None = runtime(None, help="where the heads fit (default: the encoder's device)")
 
-    @classmethod
-    def from_options(cls, options: dict | None) -> "LinearConfig":
-        config = config_from(cls, options)
-        if config.normalize not in NORMALIZE:
-            raise SpecError(f"linear probe: normalize must be one of {NORMALIZE}, got {config.normalize!r}")
-        if config.solver not in SOLVERS:
-            raise SpecError(f"linear probe: solver must be one of {SOLVERS}, got {config.solver!r}")
-        if not 0 < config.holdout < 1 or config.seeds < 1 or config.last_layers < 1 or not config.Cs:
-            raise SpecError("linear probe: need 0 < holdout < 1, seeds >= 1, last_layers >= 1 and a non-empty Cs")
-        return config
+    def check(self):
+        if not self.Cs:
+            raise ValueError("Cs must hold at least one C")
 
 
-def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (fit, held out): ``fraction`` of every class (at least one, if it has two)."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(y):
-        rows = np.flatnonzero(y == c)
-        n = int(round(fraction * len(rows))) if len(rows) > 1 else 0
-        held += rng.choice(rows, max(n, 1 if len(rows) > 1 else 0), replace=False).tolist()
-    held = np.sort(np.asarray(held, dtype=int))
-    return np.setdiff1d(np.arange(len(y)), held), held
-
-
-class Normalizer:
-    """Standardise or L2-normalise with statistics of the rows it was fit on."""
-
-    def __init__(self, how: str, x: np.ndarray):
-        self.how = how
-        if how == "standardize":
-            self.mean, self.std = x.mean(0), x.std(0) + 1e-6
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.how == "standardize":
-            return (x - self.mean) / self.std
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def topk(scores: np.ndarray, y: np.ndarray, k: int) -> float:
-    k = min(k, scores.shape[1])
-    return float((np.argsort(-scores, axis=1)[:, :k] == y[:, None]).any(1).mean())
+def true_class_rank(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n,) rank of each row's true class, 0 = top; ties go to the lower class index, as argmax."""
+    y = np.asarray(y)
+    true = scores[np.arange(len(y)), y][:, None]
+    before = np.arange(scores.shape[1])[None] < y[:, None]
+    return ((scores > true) | ((scores == true) & before)).sum(1)
 
 
 def mean_per_class_recall(pred: np.ndarray, y: np.ndarray) -> float:
@@ -95,7 +76,7 @@ def fits_on_device(x: np.ndarray, device) -> bool:
     return fits_in_memory(3 * x.nbytes, device)
 
 
-def _fit(x, y, Cs, config, n_classes, init=None):
+def _fit(x, y, Cs, config, n_classes, device=None, init=None):
     """Models for each C (ascending): torch path with warm starts, or sklearn's CLIP recipe."""
     if config.solver == "sklearn":
         import warnings
@@ -106,11 +87,11 @@ def _fit(x, y, Cs, config, n_classes, init=None):
             warnings.simplefilter("ignore", ConvergenceWarning)
             return [_SkModel(SkLogisticRegression(C=C, max_iter=config.max_iter).fit(x, y), n_classes)
                     for C in sorted(Cs)]
-    batch = None if fits_on_device(x, config.device) else 4096  # else mini-batch Adam
+    batch = None if fits_on_device(x, device) else 4096  # else mini-batch Adam
     if init is not None:
-        return [LogisticRegression(C=Cs[0], max_iter=config.max_iter, tol=config.tol, device=config.device,
+        return [LogisticRegression(C=Cs[0], max_iter=config.max_iter, tol=config.tol, device=device,
                                    n_classes=n_classes, batch_size=batch).fit(x, y, init=init)]
-    return fit_path(x, y, Cs, max_iter=config.max_iter, tol=config.sweep_tol, device=config.device,
+    return fit_path(x, y, Cs, max_iter=config.max_iter, tol=config.sweep_tol, device=device,
                     n_classes=n_classes, batch_size=batch)
 
 
@@ -134,33 +115,40 @@ def _scores(model, x) -> np.ndarray:
     return np.asarray(x, np.float32) @ weight.T.astype(np.float32) + bias.astype(np.float32)
 
 
-def topk_defined(n_classes: int, k: int) -> bool:
-    """top-k says something only with more than k classes (else it is 1.0 by construction)."""
-    return n_classes > k
-
-
 def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, config: LinearConfig,
-                 seed: int, n_classes: int) -> dict:
-    """Sweep C on a held-out part of train, refit on all of train, score once on val."""
-    fit_rows, held_rows = stratified_holdout(y, config.holdout, seed)
-    norm = Normalizer(config.normalize, x[fit_rows])
+                 seed: int, n_classes: int, device=None) -> dict:
+    """Sweep C on a held-out part of train, refit on all of train, score once on val: the chosen C,
+    the sweep, convergence, the seed's metrics, each val row's outcome and the refit head."""
+    device = device if device is not None else config.device
     Cs = sorted(config.Cs)
-    path = _fit(norm(x[fit_rows]), y[fit_rows], Cs, config, n_classes)
-    held = norm(x[held_rows])
-    sweep = [{"C": C, "heldout_top1": topk(_scores(m, held), y[held_rows], 1)} for C, m in zip(Cs, path)]
-    best = max(range(len(Cs)), key=lambda i: (sweep[i]["heldout_top1"], -i))  # ties: stronger regularisation
-    norm = Normalizer(config.normalize, x)
-    init = path[best] if config.solver == "torch" else None
-    model = _fit(norm(x), y, [Cs[best]], config, n_classes, init=init)[0]
+    path = []
+
+    def sweep(fit_rows, held_rows):
+        norm = Normalizer(config.normalize, x[fit_rows])
+        path[:] = _fit(norm(x[fit_rows]), y[fit_rows], Cs, config, n_classes, device)
+        held = norm(x[held_rows])
+        return [{"C": C, "heldout_top1": float((true_class_rank(_scores(m, held), y[held_rows]) == 0).mean())}
+                for C, m in zip(Cs, path)]
+
+    def refit(chosen):  # ties in the sweep keep the stronger regularisation (the smaller C)
+        norm = Normalizer(config.normalize, x)
+        init = path[chosen["heldout_top1"]] if config.solver == "torch" else None
+        return norm, _fit(norm(x), y, [Cs[chosen["heldout_top1"]]], config, n_classes, device, init=init)[0]
+
+    selection = select_and_refit(y, fraction=config.holdout, seed=seed, sweep=sweep, keys=["heldout_top1"],
+                                 refit=refit)
+    norm, model = selection.final
     scores = _scores(model, norm(xv))  # the only time val is touched
+    rank, pred = true_class_rank(scores, yv), scores.argmax(1)
     weight, bias = model.head()
-    metrics = {"top1": topk(scores, yv, 1), "mean_per_class_recall": mean_per_class_recall(scores.argmax(1), yv)}
+    items = {"top1": (rank == 0).astype(np.float64), "pred": pred, "label": np.asarray(yv), "rank": rank}
     if topk_defined(n_classes, 5):
-        metrics["top5"] = topk(scores, yv, 5)
-    return {"C": Cs[best], "sweep": sweep, **metrics,
+        items["top5"] = (rank < 5).astype(np.float64)
+    metrics = {name: float(items[name].mean()) for name in ("top1", "top5") if name in items}
+    return {"C": Cs[selection.chosen["heldout_top1"]], "sweep": selection.curve, **metrics,
+            "mean_per_class_recall": mean_per_class_recall(pred, yv), "items": items,
             "convergence": {"sweep": [m.convergence() for m in path], "refit": model.convergence()},
-            "head": {"weight": weight, "bias": bias, **({"mean": norm.mean, "std": norm.std}
-                                                        if config.normalize == "standardize" else {})}}
+            "head": {"weight": weight, "bias": bias, **norm.statistics}}
 
 
 def convergence_warnings(runs: list[dict]) -> list[str]:
@@ -184,50 +172,56 @@ def save_head(path, head: dict, *, pool: str, layer, root: str, class_names: lis
     from safetensors.numpy import save
 
     from encoder_probe.cache import atomic_write_bytes
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}
+    arrays = {k: np.ascontiguousarray(head[k], dtype=np.float32) for k in ("weight", "bias", "mean", "std")}
     meta = {"pool": pool, "layer": json.dumps(layer), "root": root, "class_names": json.dumps(class_names)}
     if view != "base":  # pooled over every view's tokens of each image
         meta["view"] = view
     atomic_write_bytes(path, save(arrays, metadata=meta))
 
 
-class LinearProbe:
+def head_unavailable(cfg: LinearConfig, layers: list) -> str | None:
+    """Why the refit head is not a linear map of one layer's standardised pooled tokens (None: it is)."""
+    if len(layers) > 1:
+        return f"the head reads {len(layers)} layers side by side (last_layers={cfg.last_layers})"
+    if cfg.normalize != "standardize":
+        return f"the head reads {cfg.normalize}-normalised features (normalize={cfg.normalize})"
+    return None
+
+
+class LinearProbe(Probe):
     name = "imagenet"
-    needs = ("labels",)
+    needs = Needs(data=("classification",))
+    Config = LinearConfig
 
-    def run(self, encoder, data, options=None, context=None) -> dict:
-        start = time.perf_counter()
-        config = LinearConfig.from_options(options)
-        x, y, xv, yv, train = labelled_arrays(encoder, data, config, context or {},
-                                              last_layers(encoder, config.last_layers))
+    def run(self, ctx, cfg: LinearConfig) -> ProbeResult:
+        layers = last_layers(ctx.encoder, cfg.last_layers)
+        device = ctx.device_for(cfg)
+        runs, data = [], None
+        for seed in range(cfg.seeds):
+            if data is None or cfg.per_class:  # a train subsample per seed; val stays the same images
+                data = ctx.labelled(cfg, layers, seed=seed)
+            runs.append(run_protocol(data.x, data.y, data.xv, data.yv, cfg, seed, data.num_classes, device))
+        n_classes, train = data.num_classes, data.train  # classes, sizes and val alike for every seed
         resolved = train.layers
-        runs = [run_protocol(x, y, xv, yv, config, seed, train.meta["data"]["num_classes"])
-                for seed in range(config.seeds)]
-        used = {**asdict(config), "layers": resolved, **_view(encoder)}
-        result = {
-            "metrics": {m: summarize([r[m] for r in runs]) for m in ("top1", "top5", "mean_per_class_recall")
-                        if m in runs[0]},
-            "chosen_C": [r["C"] for r in runs], "sweep": [r["sweep"] for r in runs],
-            "convergence": [r["convergence"] for r in runs], "warnings": convergence_warnings(runs),
-            "view": getattr(encoder, "view", "base"),
-            "data": {"train": len(y), "val": len(yv), "classes": train.meta["data"]["num_classes"],
-                     "root": train.meta["data"]["root"]},
-            "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
-        }
-        n_classes = train.meta["data"]["num_classes"]
-        if not topk_defined(n_classes, 5):
-            result["undefined_metrics"] = {"top5": f"top-5 of {n_classes} classes is 1.0 by construction"}
-        out = artifact_dir(encoder, context, self.name)
-        if out is not None and len(resolved) == 1 and "mean" in runs[0]["head"]:  # a linear map of pooled tokens
-            save_head(out / "head.safetensors", runs[0]["head"], pool=config.pool, layer=resolved[0],
-                      root=train.meta["data"]["root"], class_names=train.class_names,
-                      view=getattr(encoder, "view", "base"))
-            result["artifacts"] = {"head": f"{out.name}/head.safetensors"}
+        metrics = {m: over_seeds([r[m] for r in runs], statistic=stat) for m, stat in METRICS.items() if m in runs[0]}
+        columns = {c: stack_seeds([r["items"][c] for r in runs]) for c in runs[0]["items"]}
+        undefined = {} if "top5" in metrics else {"top5": f"top-5 of {n_classes} classes is 1.0 by construction"}
+        result = ProbeResult(
+            metrics=metrics, items=Items(data.val_ids, columns, {"num_classes": n_classes}),
+            details={"chosen_C": [r["C"] for r in runs], "sweep": [r["sweep"] for r in runs],
+                     "convergence": [r["convergence"] for r in runs], "layers": resolved,
+                     "data": {"train": len(data.y), "val": len(data.yv), "classes": n_classes, "root": train.root}},
+            warnings=convergence_warnings(runs), undefined=undefined)
+        why = head_unavailable(cfg, resolved)
+        if why is not None:
+            result.outputs["head_unavailable"] = why
+            return result
+        head = {**runs[0]["head"], "pool": cfg.pool, "layer": resolved[0], "class_names": train.class_names,
+                "root": train.root, "C": float(runs[0]["C"])}
+        result.outputs["head"] = head
+        if ctx.out is not None:
+            path = ctx.out / "head.safetensors"
+            save_head(path, head, pool=cfg.pool, layer=resolved[0], root=train.root, class_names=train.class_names,
+                      view=getattr(ctx.encoder, "view", "base"))
+            result.artifacts["head"] = path
         return result
-
-
-def _view(encoder) -> dict:
-    """The encoder view in the probe config when it is not the default (base configs keep their hash);
-    view full pools over the whole token sequence of each image (base view and tiles alike)."""
-    view = getattr(encoder, "view", "base")
-    return {} if view == "base" else {"view": view}

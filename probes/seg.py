@@ -7,10 +7,14 @@ linear warm-up then cosine decay. Tokens are read from the extraction cache (flo
 epoch re-runs the encoder; all heads of the learning-rate grid train together on the same
 batches (one read feeds every head, as DINOv2's evaluation does).
 
-Protocol: the learning rate is chosen on a seeded held-out 10% of the *train* images (heads fit on
-the other 90%); the winner is refit on all of train and scored once on val. A multi-label patch
-head (BCE on the classes present in each patch) gives the patch-seg "union" macro recall the
-PIVOT paper reports; see ``encoder_probe.segmentation`` for exactly what each metric counts.
+Protocol (``encoder_probe.selection.select_and_refit``): the learning rate is chosen on a seeded
+held-out 10% of the *train* images (heads fit on the other 90%); the winner is refit on all of
+train and scored once on val. A multi-label patch head (BCE on the classes present in each patch)
+gives the patch-seg "union" macro recall the PIVOT paper reports; see ``encoder_probe.segmentation``
+for exactly what each metric counts. ``seeds > 1`` reruns held-out split, head initialisation and
+batch order per seed. Every val image's own confusion counts and patch counts are kept as its
+per-item outcome: they sum to the split's confusion (so mIoU is the split-level one) and let the
+bootstrap resample images (statistics ``miou``, ``pixel_accuracy``, ``patch_macro_recall``).
 
 View ``full`` (MLLM encoders reading several views: anyres base + tiles, InternVL tiles +
 thumbnail, Qwen's native grid): the cache holds every image's ragged token sequence, its
@@ -24,9 +28,8 @@ label is the set of classes of the pixels whose centres fall in its box.
 from __future__ import annotations
 
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,45 +37,41 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from encoder_probe.errors import DataError, SpecError
-from encoder_probe.probe import (artifact_dir, config_from, config_hash, last_layers, pick_dataset,
-                                 summarize)
-from encoder_probe.segmentation import (IGNORE_INDEX, confusion_matrix, layout_union_targets, paint_logits,
-                                        paint_operators, patch_counts, patch_scores, patch_union_targets,
-                                        pixel_scores, upsample_bilinear)
+from encoder_probe.data.base import IGNORE_INDEX
+from encoder_probe.errors import SpecError
+from encoder_probe.items import Items
+from encoder_probe.probe import Needs, Probe, ProbeResult, last_layers, over_seeds, protocol, runtime
+from encoder_probe.segmentation import (confusion_matrix, layout_union_targets, paint_logits, paint_operators,
+                                        patch_counts, patch_scores, patch_union_targets, pixel_scores,
+                                        upsample_bilinear)
+from encoder_probe.selection import select_and_refit
 
 HEADS = ("linear", "mlp")
 FULL_TRAIN_SIDE = 512  # view full: long side of the label map the pixel CE trains on (scores: original size)
+SELECT = ("mIoU", "patch_macro_f1")  # held-out scores that choose the pixel head's and the patch head's lr
+METRICS = {"mIoU": "miou", "pixel_accuracy": "pixel_accuracy", "patch_macro_recall": "patch_macro_recall"}
+CONF_COLUMNS = ("conf_seed", "conf_item", "conf_true", "conf_pred", "conf_count")
 
 
 @dataclass
 class SegConfig:
-    head: str = "linear"
-    last_layers: int = 1  # 4 = DINOv2's concatenation of the last four blocks
-    lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
-    epochs: int = 10
-    head_batch: int = 16  # images per optimiser step
-    weight_decay: float = 1e-4
-    warmup: float = 0.1  # fraction of the steps spent warming up
-    hidden: int = 512  # width of the mlp head
-    holdout: float = 0.1
-    seeds: int = 1
-    show: int = 4  # validation images in the PNG grid
-    batch_size: int = 32  # extraction batch
-    device: str | None = None
+    head: str = protocol("linear", choices=HEADS, help="linear: BatchNorm + 1x1 conv; mlp: a hidden layer first")
+    last_layers: int = protocol(1, min=1, help="concatenate the last K blocks' tokens (4: DINOv2)")
+    lrs: list[float] = protocol([1e-3, 3e-3, 1e-2, 3e-2], gt=0, help="learning rates, chosen on held-out train")
+    epochs: int = protocol(10, min=1)
+    head_batch: int = protocol(16, min=1, help="images per optimiser step")
+    weight_decay: float = protocol(1e-4, min=0, help="AdamW weight decay")
+    warmup: float = protocol(0.1, min=0, lt=1, help="fraction of the steps spent warming up")
+    hidden: int = protocol(512, min=1, help="width of the mlp head")
+    holdout: float = protocol(0.1, gt=0, lt=1, help="fraction of the train images held out to choose the lr")
+    seeds: int = runtime(1, min=1, help="reruns of held-out split, head init and batch order")
+    show: int = runtime(4, min=0, help="val images in predictions.png")
+    batch_size: int = runtime(32, min=1, help="extraction batch")
+    device: str | None = runtime(None, help="where the heads train (default: the encoder's device)")
 
-    @classmethod
-    def from_options(cls, options: dict | None) -> "SegConfig":
-        config = config_from(cls, options)
-        if isinstance(config.lrs, (int, float)):  # --option lrs=0.01
-            config.lrs = [config.lrs]
-        if config.head not in HEADS:
-            raise SpecError(f"seg probe: head must be one of {', '.join(HEADS)}, got {config.head!r}")
-        if not config.lrs or min(config.lrs) <= 0 or config.epochs < 1 or config.head_batch < 1:
-            raise SpecError("seg probe: need positive lrs, epochs >= 1 and head_batch >= 1")
-        if not 0 < config.holdout < 1 or config.seeds < 1 or config.last_layers < 1 or not 0 <= config.warmup < 1:
-            raise SpecError("seg probe: need 0 < holdout < 1, seeds >= 1, last_layers >= 1 and 0 <= warmup < 1")
-        return config
+    def check(self):
+        if not self.lrs:
+            raise ValueError("lrs is empty: give at least one learning rate")
 
 
 # -- heads -------------------------------------------------------------------------------------
@@ -115,6 +114,8 @@ def warmup_cosine(optimizer, total_steps: int, warmup: float):
 class CachedTokens:
     """Batches of (tokens as a (B, D, h, w) map, masks) read from cached FeatureSets, never the encoder."""
 
+    ragged = False
+
     def __init__(self, features, layers, device, dtype=torch.float32):
         self.tokens = [features.tokens(layer) for layer in layers]
         if len({t.shape[:2] for t in self.tokens}) > 1:
@@ -139,14 +140,13 @@ class CachedTokens:
     def patch_targets(self, masks, num_classes: int) -> torch.Tensor:
         return patch_union_targets(masks, self.grid, num_classes)
 
-    def confusion(self, head, x, masks, num_classes: int) -> torch.Tensor:
-        return confusion_matrix(masks, predict(head, x, self.grid, masks.shape[-2:]), num_classes)
+    def maps(self, head, x, masks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, (truth, predicted class map) at the label map's resolution."""
+        return list(zip(masks, predict(head, x, self.grid, masks.shape[-2:])))
 
-    def predictions(self, head, x, masks) -> list[np.ndarray]:
-        return list(predict(head, x, self.grid, masks.shape[-2:]).cpu().numpy())
-
-    def truths(self, masks) -> list[np.ndarray]:
-        return list(masks.cpu().numpy())
+    def per_image(self, values: torch.Tensor, masks) -> list[torch.Tensor]:
+        """(B, h*w, C) per-token values -> per image (h*w, C)."""
+        return list(values)
 
 
 def _pixel_loss(logits, masks, grid):
@@ -234,34 +234,29 @@ class RaggedTokens:
         return torch.cat([layout_union_targets(m, layout, num_classes)
                           for layout, m in zip(batch.layouts, batch.masks)])[None]
 
-    def predictions(self, head, x, batch: RaggedBatch) -> list[np.ndarray]:
-        """Per image, the (H_i, W_i) argmax of the logits painted at the mask's resolution."""
-        return [_paint(z, layout, tuple(m.shape)).argmax(0).cpu().numpy()
+    def maps(self, head, x, batch: RaggedBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, (mask, argmax of the logits painted at the mask's resolution)."""
+        return [(m, _paint(z, layout, tuple(m.shape)).argmax(0))
                 for z, layout, m in zip(batch.split(head(x)), batch.layouts, batch.masks)]
 
-    def confusion(self, head, x, batch: RaggedBatch, num_classes: int) -> torch.Tensor:
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=x.device)
-        for z, layout, m in zip(batch.split(head(x)), batch.layouts, batch.masks):
-            conf += confusion_matrix(m, _paint(z, layout, tuple(m.shape)).argmax(0), num_classes)
-        return conf
-
-    def truths(self, batch: RaggedBatch) -> list[np.ndarray]:
-        return [m.cpu().numpy() for m in batch.masks]
+    def per_image(self, values: torch.Tensor, batch: RaggedBatch) -> list[torch.Tensor]:
+        """(1, sum N_i, C) per-token values -> per image (N_i, C)."""
+        return list(batch.split(values))
 
 
 def token_source(features, layers, device):
     """The head's token source for a FeatureSet: grid batches (view base) or ragged sequences (full)."""
-    return RaggedTokens(features, layers, device) if getattr(features, "ragged", False) else \
+    return RaggedTokens(features, layers, device) if features.ragged else \
         CachedTokens(features, layers, device)
 
 
 def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_classes: int, seed: int,
-                desc: str = "seg heads", progress: bool = False) -> list[tuple[nn.Module, nn.Module]]:
+                desc: str = "heads", bar=None) -> list[tuple[nn.Module, nn.Module]]:
     """Train, for every lr, a pixel head (CE) and a patch head (BCE on patch class sets) on ``rows``.
 
     Every batch is read once and feeds all heads. Returns [(pixel_head, patch_head)] in ``lrs`` order.
-    ``progress``: a bar named ``desc`` on stderr, one step per batch (shown whether or not stderr
-    is a terminal, as the feature extraction's bars are; the run's ``progress`` flag turns it off).
+    ``bar``: makes the progress bar (``ctx.bar``: named after probe and encoder, off when the run's
+    progress is), one step per batch; default none.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -274,8 +269,7 @@ def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_clas
             head.to(source.device).train()
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
             bank.append((head, opt, warmup_cosine(opt, steps_per_epoch * config.epochs, config.warmup)))
-    with tqdm(total=steps_per_epoch * config.epochs, desc=desc, unit="step", disable=not progress,
-              file=sys.stderr) as bar:
+    with (bar or partial(tqdm, disable=True))(total=steps_per_epoch * config.epochs, desc=desc, unit="step") as shown:
         for _ in range(config.epochs):
             order = rng.permutation(rows)
             for start in range(0, len(order), config.head_batch):
@@ -291,23 +285,43 @@ def train_heads(source, rows: np.ndarray, lrs: list, config: SegConfig, num_clas
                     loss.backward()
                     opt.step()
                     sched.step()
-                bar.update()
+                shown.update()
     heads = [head.eval() for head, _, _ in bank]
     return list(zip(heads[0::2], heads[1::2]))
 
 
 @torch.no_grad()
-def evaluate_heads(source, rows: np.ndarray, pairs, num_classes: int, batch: int = 16) -> list[dict]:
-    """Scores of every (pixel head, patch head) pair on ``rows``, summed over all of them."""
+def evaluate_heads(source, rows: np.ndarray, pairs, num_classes: int, batch: int = 16, *,
+                   per_image: bool = False) -> list[dict]:
+    """Scores of every (pixel head, patch head) pair on ``rows``, from the confusion and patch counts
+    summed over them. ``per_image``: also every image's own, the per-item outcomes the bootstrap
+    resamples: "confusions" (nnz, 4) int64 rows (item, true, pred, count), item = position in the
+    sorted ``rows``, and "patch_counts" (n, 3, C) (``segmentation.patch_counts`` of each image)."""
+    rows = np.sort(np.asarray(rows))
     conf = [torch.zeros(num_classes, num_classes, dtype=torch.long, device=source.device) for _ in pairs]
     counts = [torch.zeros(3, num_classes, dtype=torch.long, device=source.device) for _ in pairs]
+    kept = [([], []) for _ in pairs]
     for start in range(0, len(rows), batch):
         x, masks = source.batch(rows[start:start + batch])
-        truth = source.patch_targets(masks, num_classes)
+        truth = source.per_image(source.patch_targets(masks, num_classes), masks)
         for i, (pixel, patch) in enumerate(pairs):
-            conf[i] += source.confusion(pixel, x, masks, num_classes)
-            counts[i] += patch_counts(truth, patch(x) > 0)
-    return [{**pixel_scores(c), **patch_scores(n)} for c, n in zip(conf, counts)]
+            image_conf = torch.stack([confusion_matrix(t, p, num_classes) for t, p in source.maps(pixel, x, masks)])
+            image_counts = torch.stack([patch_counts(t, p) for t, p in
+                                        zip(truth, source.per_image(patch(x) > 0, masks))])
+            conf[i] += image_conf.sum(0)
+            counts[i] += image_counts.sum(0)
+            if per_image:
+                nz = image_conf.nonzero()  # (k, 3): image of the batch, true, pred
+                found = image_conf[nz[:, 0], nz[:, 1], nz[:, 2]]
+                nz[:, 0] += start
+                kept[i][0].append(torch.cat([nz, found[:, None]], 1).cpu())
+                kept[i][1].append(image_counts.cpu())
+    scores = [{**pixel_scores(c), **patch_scores(n)} for c, n in zip(conf, counts)]
+    if per_image:
+        for score, (triples, per) in zip(scores, kept):
+            score["confusions"] = torch.cat(triples).numpy() if triples else np.zeros((0, 4), np.int64)
+            score["patch_counts"] = torch.cat(per).numpy() if per else np.zeros((0, 3, num_classes), np.int64)
+    return scores
 
 
 def predict(head: nn.Module, x: torch.Tensor, grid, size) -> torch.Tensor:
@@ -315,35 +329,28 @@ def predict(head: nn.Module, x: torch.Tensor, grid, size) -> torch.Tensor:
     return upsample_bilinear(logit_map(head(x), grid), tuple(size)).argmax(1)
 
 
-def holdout_images(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, held-out rows): a seeded ``fraction`` of the train images, at least one."""
-    if n < 2:
-        raise DataError(f"seg probe: the train split has {n} image(s); holding some out for the lr choice needs 2")
-    held = np.sort(np.random.default_rng(seed).choice(n, max(1, int(round(fraction * n))), replace=False))
-    return np.setdiff1d(np.arange(n), held), held
-
-
-def run_protocol(train, val, config: SegConfig, num_classes: int, seed: int, *, label: str = "",
-                 progress: bool = False) -> dict:
-    """lr chosen on held-out train images, refit on all train, val scored once; returns val scores.
-
-    ``label`` names the encoder in the progress bars: ``seg [timm:vit_small…] lr sweep``."""
-    fit, held = holdout_images(len(train), config.holdout, seed)
-    name = f"seg [{label}]" if label else "seg"
+def run_protocol(train, val, config: SegConfig, num_classes: int, seed: int, *, bar=None) -> dict:
+    """lr chosen on held-out train images, refit on all train, val scored once: val scores with every
+    image's outcomes, the chosen lrs, the sweep and the refit pixel head."""
     of_seed = f" (seed {seed + 1}/{config.seeds})" if config.seeds > 1 else ""
-    sweep = evaluate_heads(train, held, train_heads(train, fit, config.lrs, config, num_classes, seed,
-                                                    desc=f"{name} lr sweep{of_seed}", progress=progress),
-                           num_classes)
-    best_pixel = int(np.nanargmax([s["mIoU"] for s in sweep]))
-    best_patch = int(np.nanargmax([s["patch_macro_f1"] for s in sweep]))
-    lrs = [config.lrs[best_pixel], config.lrs[best_patch]]
-    final = train_heads(train, np.arange(len(train)), lrs, config, num_classes, seed,
-                        desc=f"{name} refit{of_seed}", progress=progress)
-    pixel_head, patch_head = final[0][0], final[1][1]
-    scores = evaluate_heads(val, np.arange(len(val)), [(pixel_head, patch_head)], num_classes)[0]
-    return {**scores, "lr": lrs[0], "patch_lr": lrs[1], "pixel_head": pixel_head,
+
+    def sweep(fit, held):
+        heads = train_heads(train, fit, config.lrs, config, num_classes, seed, desc=f"lr sweep{of_seed}", bar=bar)
+        return evaluate_heads(train, held, heads, num_classes)
+
+    def refit(chosen):  # a (pixel, patch) pair per chosen lr, as the sweep trains them: seeded inits stay put
+        lrs = [config.lrs[chosen[key]] for key in SELECT]
+        final = train_heads(train, np.arange(len(train)), lrs, config, num_classes, seed, desc=f"refit{of_seed}",
+                            bar=bar)
+        return final[0][0], final[1][1]
+
+    picked = select_and_refit(len(train), fraction=config.holdout, seed=seed, sweep=sweep, keys=SELECT,
+                              refit=refit, where="seg probe: the train split")
+    [scores] = evaluate_heads(val, np.arange(len(val)), [picked.final], num_classes, per_image=True)
+    return {**scores, "lr": config.lrs[picked.chosen["mIoU"]], "patch_lr": config.lrs[picked.chosen["patch_macro_f1"]],
+            "pixel_head": picked.final[0],
             "sweep": [{"lr": lr, "heldout_mIoU": s["mIoU"], "heldout_patch_macro_f1": s["patch_macro_f1"]}
-                      for lr, s in zip(config.lrs, sweep)]}
+                      for lr, s in zip(config.lrs, picked.curve)]}
 
 
 # -- pictures ----------------------------------------------------------------------------------
@@ -382,73 +389,65 @@ def prediction_grid(dataset, indices, truth, predictions, num_classes: int, path
 
 
 # -- the probe ---------------------------------------------------------------------------------
-def segmentation_features(encoder, data, config: SegConfig, context: dict, layers):
+def segmentation_features(ctx, config: SegConfig, layers):
     """(train FeatureSet, val FeatureSet, val dataset) with tokens and masks; default: the demo ADE20K."""
-    from encoder_probe.data import open_dataset
-    from encoder_probe.features import extract
-    name, root = pick_dataset(data, "segmentation", default="ade20k")
-    splits = [open_dataset(name, root, split) for split in ("train", "val")]
-    features = [extract(encoder, dataset, out=context.get("cache"), layers=layers, pool="mean", tokens=True,
-                        batch_size=config.batch_size, progress=context.get("progress", True)) for dataset in splits]
-    return features[0], features[1], splits[1]  # an empty split is refused by its reader
+    splits = [ctx.dataset("segmentation", split) for split in ("train", "val")]  # an empty split is refused
+    train, val = (ctx.features(d, layers=layers, tokens=True, batch_size=config.batch_size) for d in splits)
+    return train, val, splits[1]
 
 
-class SegProbe:
+def per_item_outcomes(runs: list[dict], ids, num_classes: int) -> Items:
+    """Every val image's confusion (sparse, one block of rows per seed) and patch counts (S, n, 3, C)."""
+    conf = np.concatenate([np.column_stack([np.full(len(r["confusions"]), seed), r["confusions"]])
+                           for seed, r in enumerate(runs)]).astype(np.int64)
+    columns = {name: conf[:, j] for j, name in enumerate(CONF_COLUMNS)}
+    columns["patch_counts"] = np.stack([r["patch_counts"] for r in runs])
+    return Items(ids, columns, {"num_classes": num_classes, "seeds": len(runs)})
+
+
+class SegProbe(Probe):
     name = "seg"
-    needs = ("masks",)
+    needs = Needs(data=("segmentation",))
+    Config = SegConfig
 
-    def run(self, encoder, data, options=None, context=None) -> dict:
-        start = time.perf_counter()
-        context = context or {}
-        config = SegConfig.from_options(options)
-        train_set, val_set, val_data = segmentation_features(encoder, data, config, context,
-                                                             last_layers(encoder, config.last_layers))
-        num_classes = train_set.meta["data"]["num_classes"]
-        device = torch.device(config.device or "cpu")
-        ragged = bool(getattr(train_set, "ragged", False))
+    def run(self, ctx, cfg: SegConfig) -> ProbeResult:
+        train_set, val_set, val_data = segmentation_features(ctx, cfg, last_layers(ctx.encoder, cfg.last_layers))
+        num_classes = train_set.num_classes
+        device = ctx.device_for(cfg)
+        ragged = train_set.ragged
         train, val = (token_source(f, f.layers, device) for f in (train_set, val_set))
-        from encoder_probe.encoders.registry import short_spec
-        runs = [run_protocol(train, val, config, num_classes, seed, label=short_spec(encoder.spec),
-                             progress=context.get("progress", True)) for seed in range(config.seeds)]
+        runs = [run_protocol(train, val, cfg, num_classes, seed, bar=ctx.bar) for seed in range(cfg.seeds)]
 
-        names = train_set.class_names
         ious = np.array([r["iou"] for r in runs], dtype=float)
         seen = np.isfinite(ious).sum(0)  # a class no seed saw (nor predicted) has no IoU, not a warning
         per_class = np.where(seen > 0, np.nansum(ious, axis=0) / np.maximum(seen, 1), np.nan)
-        used = {**asdict(config), "layers": train_set.layers, "grid": None if ragged else list(train_set.grid)}
-        if ragged:  # base configs (and their hashes) stay what they were
-            used["view"] = "full"
-        result = {
-            "metrics": {m: summarize([r[m] for r in runs]) for m in ("mIoU", "pixel_accuracy", "patch_macro_recall")},
-            "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, per_class)},
-            "classes_counted": [r["classes_counted"] for r in runs],
+        per_class_iou = {n: (None if np.isnan(v) else float(v)) for n, v in zip(train_set.class_names, per_class)}
+        metrics = {m: over_seeds([r[m] for r in runs], statistic={"name": stat}) for m, stat in METRICS.items()}
+        details = {
+            "per_class_iou": per_class_iou, "classes_counted": [r["classes_counted"] for r in runs],
             "chosen_lr": [r["lr"] for r in runs], "chosen_patch_lr": [r["patch_lr"] for r in runs],
-            "sweep": [r["sweep"] for r in runs],
-            "data": {"train": len(train), "val": len(val), "classes": num_classes,
-                     "root": train_set.meta["data"]["root"],
+            "sweep": [r["sweep"] for r in runs], "layers": train_set.layers,
+            "data": {"train": len(train), "val": len(val), "classes": num_classes, "root": train_set.root,
                      "mask_size": "original" if ragged else list(val_set.masks.shape[1:])},
-            "config": used, "config_hash": config_hash(used), "wall_s": round(time.perf_counter() - start, 3),
         }
-        out = artifact_dir(encoder, context, self.name)
-        if out is not None and config.show > 0:
-            result["artifacts"] = self._write_artifacts(out, runs[0]["pixel_head"], val, val_set, val_data,
-                                                        result["per_class_iou"], config.show, num_classes)
-        return result
+        artifacts = {}
+        if cfg.show > 0 and ctx.out is not None:
+            artifacts = write_artifacts(ctx.out, runs[0]["pixel_head"], val, val_set, val_data, per_class_iou,
+                                        cfg.show, num_classes)
+        return ProbeResult(metrics=metrics, details=details, artifacts=artifacts,
+                           items=per_item_outcomes(runs, ctx.item_ids(val_data, val_set.index), num_classes),
+                           protocol={"grid": None if ragged else list(train_set.grid)})
 
-    @staticmethod
-    def _write_artifacts(out, head, val, val_set, val_data, per_class_iou, show, num_classes) -> dict:
-        from encoder_probe.cache import atomic_write_bytes
-        rows = np.arange(min(show, len(val)))
-        x, masks = val.batch(rows)
-        with torch.no_grad():
-            pred = val.predictions(head, x, masks)
-        truth = val.truths(masks)
-        if getattr(val, "ragged", False):
-            prediction_grid(val_data, val_set.index[rows], truth, pred, num_classes, out / "predictions.png",
-                            original=True)
-        else:
-            prediction_grid(val_data, val_set.index[rows], np.stack(truth), np.stack(pred), num_classes,
-                            out / "predictions.png")
-        table = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in per_class_iou.items())
-        atomic_write_bytes(out / "per_class_iou.csv", table.encode())
-        return {"grid": f"{out.name}/predictions.png", "table": f"{out.name}/per_class_iou.csv"}
+
+def write_artifacts(out, head, val, val_set, val_data, per_class_iou: dict, show: int, num_classes: int) -> dict:
+    """predictions.png (the first ``show`` val images: image, truth, prediction) and per_class_iou.csv."""
+    from encoder_probe.cache import atomic_write_bytes
+    rows = np.arange(min(show, len(val)))
+    x, masks = val.batch(rows)
+    with torch.no_grad():
+        truth, pred = zip(*[(t.cpu().numpy(), p.cpu().numpy()) for t, p in val.maps(head, x, masks)])
+    prediction_grid(val_data, val_set.index[rows], truth, pred, num_classes, out / "predictions.png",
+                    original=val.ragged)
+    table = "class,iou\n" + "".join(f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in per_class_iou.items())
+    atomic_write_bytes(out / "per_class_iou.csv", table.encode())
+    return {"grid": out / "predictions.png", "table": out / "per_class_iou.csv"}

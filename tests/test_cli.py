@@ -77,14 +77,26 @@ def test_inspect_layer_override_and_projector(toy_dir, capsys):
     (["extract", "--encoder", "timm:test_vit", "--data", "mnist-5k", "--split", "test", "--out", "OUT"],
      "split must be train or val"),
 ])
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, argv, needle):
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "encoder_probe.cli", *argv], capture_output=True, text=True, env=env)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_console_script_reports_bad_input_in_one_line(tmp_path):
+    """The same path through a real interpreter, once: what a shell sees."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "encoder_probe.cli", "inspect", "nosuch:thing"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()] and "unknown source" in proc.stderr
 
 
 def test_directory_without_checkpoint_names_the_file(tmp_path, capsys):
@@ -105,15 +117,28 @@ def test_list_shows_sources_towers_and_probes(capsys):
 def test_run_records_a_failing_probe_and_keeps_going(tmp_path, capsys):
     from encoder_probe.probe import _IN_PROCESS, register_probe
 
-    class MeanNorm:
-        def run(self, encoder, data, config, context):
+    from dataclasses import dataclass
+
+    from encoder_probe.probe import Metric, Probe, ProbeResult
+
+    @dataclass
+    class Nothing:
+        pass
+
+    class MeanNorm(Probe):
+        Config = Nothing
+
+        def run(self, ctx, cfg):
+            encoder = ctx.encoder
             pixels = torch.zeros(1, 3, *encoder.preprocess.size)
             with torch.no_grad():
                 value = encoder.pool(encoder.forward_tokens(pixels), "mean").norm().item()
-            return {"metrics": {"mean_norm": {"value": value, "higher_is_better": True}}}
+            return ProbeResult(metrics={"mean_norm": Metric(value)})
 
-    class Broken:
-        def run(self, encoder, data, config, context):
+    class Broken(Probe):
+        Config = Nothing
+
+        def run(self, ctx, cfg):
             raise RuntimeError("boom")
 
     register_probe("meannorm", MeanNorm())

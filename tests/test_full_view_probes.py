@@ -286,13 +286,14 @@ def _blob_masks(images, classes=3, radius=20):
 
 
 def test_gradcam_probe_maps_full_view_images(ov, photos, tmp_path):
+    from encoder_probe.options import build_config
     from probes.gradcam import GradCAMConfig, _map_all_full, _write_full_artifacts
     images = [photos[n] for n in PHOTOS]
     data = _MaskData(images, _blob_masks(images), ["dark", "mid", "bright"])
     d = ov.module.config.hidden_size
     head = HeadTarget(ov, np.random.default_rng(1).normal(size=(3, d)), np.zeros(3), class_names=data.class_names)
-    config = GradCAMConfig.from_options({"batch_size": 2, "overlay_rows": 2})
-    result = _map_all_full(ov, data, list(range(3)), head, "head", config, progress=False)
+    config = build_config("gradcam", GradCAMConfig, {"batch_size": 2, "overlay_rows": 2})
+    result = _map_all_full(ov, data, list(range(3)), head, "head", config)
     offsets = result["offsets"]
     layouts = [TokenLayout.from_dict(json.loads(s)) for s in result["layouts"]]
     assert [lay.num_tokens for lay in layouts] == list(np.diff(offsets))
@@ -306,7 +307,8 @@ def test_gradcam_probe_maps_full_view_images(ov, photos, tmp_path):
     saved = np.load(tmp_path / "maps.npz")
     assert str(saved["view"]) == "full" and saved["images"].shape == (2, 256, 256, 3)
     np.testing.assert_array_equal(saved["map_offsets"], offsets)
-    assert (tmp_path / "overlay.png").is_file() and arts["maps"].endswith("maps.npz")
+    assert arts == {"maps": tmp_path / "maps.npz", "overlay": tmp_path / "overlay.png"}
+    assert arts["overlay"].is_file()
 
 
 # -- segmentation ------------------------------------------------------------------------------------
@@ -359,8 +361,7 @@ class _RaggedFeatures:
         self.layers = [-1]
         self.class_names = class_names
         self.index = np.arange(len(rows))
-        self.meta = {"data": {"num_classes": len(class_names), "root": "in-memory"}}
-        self.path = "in-memory"
+        self.num_classes, self.root, self.path = len(class_names), "in-memory", "in-memory"
 
     def __len__(self):
         return len(self._rows)
@@ -403,14 +404,29 @@ def test_seg_head_trains_and_scores_through_the_boxes(encoded, photos, monkeypat
     assert x.shape == (1, train.token_offsets[1] + train.token_offsets[3] - train.token_offsets[2], source.dim)
     assert [tuple(m.shape) for m in batch.masks] == [train.mask(0).shape, train.mask(2).shape]
     # the probe end to end on the stand-in feature sets (the cache's ragged extraction is not needed here)
+    from encoder_probe.bootstrap import statistic_value
+    from encoder_probe.items import Items
+    from encoder_probe.runner import run_probe
     images = {n: photos[n] for n in ("coffee", "chelsea")}
     val_data = _MaskData(list(images.values()), val._masks, val.class_names)
+    for sample in val_data.samples:
+        sample.item = None  # a whole file per sample, as the dataset readers' samples say
     monkeypatch.setattr(seg, "segmentation_features", lambda *a, **k: (train, val, val_data))
-    monkeypatch.setattr(seg, "holdout_images", lambda n, f, s: (np.arange(n), np.arange(1)))
-    out = seg.SegProbe().run(ov, None, {"lrs": [3e-2], "epochs": 8, "head_batch": 2, "show": 2},
-                             {"out": tmp_path, "progress": False})
+    out = run_probe(seg.SegProbe(), ov, options={"lrs": [3e-2], "epochs": 8, "head_batch": 2, "show": 2},
+                    out=tmp_path, bootstrap=0)
     assert out["config"]["view"] == "full" and out["config"]["grid"] is None
     assert out["data"]["mask_size"] == "original"
     assert out["metrics"]["mIoU"]["value"] > 0.8, out["metrics"]
     assert out["metrics"]["patch_macro_recall"]["value"] > 0.7
     assert (tmp_path / ov.fingerprint[:16] / "seg" / "predictions.png").is_file()
+    # per-image outcomes through the boxes: every valid pixel at the original size, the metrics recomputed
+    items = Items.load(tmp_path / ov.fingerprint[:16] / out["items"]["file"])
+    assert items.ids.tolist() == ["photo0.jpg", "photo1.jpg"] and items.columns["patch_counts"].shape == (1, 2, 3, 3)
+    c = items.columns
+    pixels = [np.bincount(c["conf_item"], weights=c["conf_count"], minlength=2)[i] for i in range(2)]
+    assert pixels == [int((val.mask(i) != 255).sum()) for i in range(2)]
+    for i in range(2):  # an image's patch positives: its tokens' class sets from the pixels in their boxes
+        truth = layout_union_targets(torch.from_numpy(val.mask(i)), val.layout(i), 3)
+        np.testing.assert_array_equal(c["patch_counts"][0, i, 1], truth.sum(0).numpy())
+    for metric in out["metrics"].values():
+        assert statistic_value(metric["statistic"], items) == pytest.approx(metric["value"], abs=1e-9)

@@ -1,5 +1,8 @@
 """The `gradcam` probe: maps against pytorch-grad-cam, captum and hand-written autograd; token
-layouts (CLS, no CLS, registers, non-square grids); localisation on a planted case; MLLM maps."""
+layouts (CLS, no CLS, registers, non-square grids); localisation on a planted case; the head it
+explains is the imagenet probe's, whatever the suite order."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from encoder_probe import load_encoder
 from encoder_probe.attribution import (GradCAM, GradientXActivation, TokenLayer, attribute_all,
                                        score_through, token_gradients)
 from encoder_probe.errors import SpecError
+from encoder_probe.runner import run_probe, run_suite
 from encoder_probe.localization import chance, energy_in_mask, object_masks, pointing_game
 from encoder_probe.targets import HeadTarget, TextTarget
 
@@ -179,12 +183,15 @@ def write_planted(root, n_train=8, n_val=4, seed=0):
 
 
 def test_planted_evidence_is_found(tmp_path):
-    """Class = the colour of a square: Grad-CAM of the fitted head's class logit points into the
-    square and puts most of its energy there; a random map scores chance."""
-    from probes.gradcam import GradCAMProbe
+    """Class = the colour of a square: Grad-CAM of the imagenet probe's head's class logit points into
+    the square and puts most of its energy there; a random map scores chance. Per-image outcomes
+    give every metric back (the bootstrap's statistic) and its CI."""
+    from encoder_probe.bootstrap import statistic_value
+    from encoder_probe.items import Items
     data = write_planted(tmp_path / "planted")
     enc = load_encoder("timm:test_vit2", layer=1)
-    result = GradCAMProbe().run(enc, data, {"target": "head"}, {"out": tmp_path / "run", "progress": False})
+    result = run_probe("gradcam", enc, data=data, options={"target": "head"}, out=tmp_path / "run",
+                       cache=tmp_path / "cache", bootstrap=200)
     metrics = {k: v["value"] for k, v in result["metrics"].items()}
     base = result["baseline"]["mask_fraction"]
     assert result["target"]["head"]["val_top1"] == 1.0 and 0.05 < base < 0.2
@@ -203,6 +210,12 @@ def test_planted_evidence_is_found(tmp_path):
     random_energy = energy_in_mask(torch.rand(12, 10, 10, generator=rng), inside, valid).mean().item()
     assert random_energy < 2 * base < metrics["energy_in_mask@gradcam"] / 2
     assert np.allclose(saved["energy_in_mask/gradcam"].mean(), metrics["energy_in_mask@gradcam"])
+    items = Items.load(tmp_path / "run" / enc.fingerprint[:16] / result["items"]["file"])
+    assert len(items) == 12 and items.ids[0] == "images/validation/v_000.png"
+    for name, m in result["metrics"].items():
+        assert m["statistic"] == {"name": "mean", "column": name} and items.columns[name].shape == (1, 12)
+        assert statistic_value(m["statistic"], items) == pytest.approx(m["value"], abs=1e-9)
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1] and m["ci"]["B"] == 200
     assert (tmp_path / "run" / enc.fingerprint[:16] / result["artifacts"]["overlay"]).stat().st_size > 1000
 
     from encoder_probe.errors import DataError
@@ -273,11 +286,12 @@ def test_text_target_hf_siglip_dual_tower(tmp_path):
 
 
 def test_cls_pooled_text_target_fails_in_one_line(tmp_path):
-    from probes.gradcam import GradCAMProbe
     _dual_tower_dir(tmp_path / "clip", "clip")
     enc = load_encoder(f"hf:{tmp_path / 'clip'}")
+    data = write_planted(tmp_path / "planted", n_train=1, n_val=1)
     with pytest.raises(SpecError, match="no gradient"):
-        GradCAMProbe().run(enc, None, {"limit": 2}, {"out": tmp_path / "run", "progress": False})
+        run_probe("gradcam", enc, data={"ade20k": data["ade20k"]}, options={"limit": 2}, out=tmp_path / "run",
+                  bootstrap=0)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.npz"))
 
 
@@ -287,15 +301,38 @@ def test_text_target_needs_a_text_tower():
 
 
 # -- options and bad input ------------------------------------------------------------------------
-def test_bad_options_are_one_line():
-    from probes.gradcam import GradCAMConfig
-    with pytest.raises(SpecError, match="unknown method"):
-        GradCAMConfig.from_options({"methods": "gradcam,saliency"})
-    with pytest.raises(SpecError, match="target must be"):
-        GradCAMConfig.from_options({"target": "logits"})
-    assert GradCAMConfig.from_options({"methods": "gradcam, grad-x-act"}).methods == ["gradcam", "grad-x-act"]
-    with pytest.raises(SpecError, match="mllm loss"):
-        GradCAMConfig.from_options({"loss": "kl"})
+@pytest.mark.parametrize("options, message", [
+    ({"methods": "gradcam,saliency"}, "gradcam.methods must be one of gradcam, gradient-norm, grad-x-act, got 'saliency'"),
+    ({"methods": []}, "methods: give at least one of"),
+    ({"target": "logits"}, "gradcam.target must be one of auto, head, text, mllm"),
+    ({"loss": "kl"}, "gradcam.loss must be one of logprob, sft, dpo"),
+    ({"classifier": "svm"}, "gradcam.classifier must be one of fit, model"),
+    ({"prompt": "a photo"}, "prompt must contain '{}'"),
+    ({"limit": 0}, "gradcam.limit must be >= 1"),
+    ({"tolerance": -1}, "gradcam.tolerance must be >= 0"),
+    ({"gradcam.pool": "cls"}, "probe 'gradcam' takes no option 'pool'"),  # the head's is the imagenet probe's
+    ({"gradcam.C": 1.0}, "probe 'gradcam' takes no option 'C'"),
+])
+def test_bad_options_are_one_line(options, message):
+    from encoder_probe.runner import plan
+    with pytest.raises(SpecError) as e:
+        plan("gradcam", options)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_options_are_typed_and_split_into_protocol_and_runtime():
+    from encoder_probe.probe import split_config
+    from encoder_probe.runner import plan
+    _, probes, configs = plan("gradcam", {"methods": "gradcam, grad-x-act", "batch_size": 4, "limit": "null",
+                                          "pool": "cls"})
+    assert list(probes) == ["gradcam", "imagenet"]  # the head's probe, validated with the rest
+    assert configs["imagenet"].pool == "cls" and configs["imagenet"].batch_size == 4  # the head's pooling
+    cfg = configs["gradcam"]
+    assert cfg.methods == ["gradcam", "grad-x-act"] and cfg.limit is None
+    proto, run = split_config(cfg)
+    assert set(run) == {"batch_size", "overlay_rows", "device", "device_map", "mllm_dtype"}
+    assert {"target", "methods", "limit", "classifier", "prompt", "loss", "beta", "dpo_reference",
+            "tolerance"} == set(proto)
 
 
 def test_gradient_x_activation_is_signed_and_gradcam_is_not():
@@ -318,16 +355,66 @@ def test_model_classifier_head_is_the_models_own_logits(hf_towers):
         own_classifier(load_encoder(f"hf:{hf_towers['siglip'][2]}"))
 
 
-def test_gradcam_explains_the_imagenet_probes_own_head(tmp_path):
-    """In one suite, `gradcam` maps the class logits of the head the `imagenet` probe refit and scored."""
-    from conftest import write_imagefolder
+def _maps(record, out):
+    entry = record["probes"]["gradcam"]
+    assert entry["status"] == "ok", entry
+    with np.load(out / record["encoder"]["fingerprint"][:16] / entry["artifacts"]["maps"]) as f:
+        return {k: f[k] for k in f.files}
 
-    from encoder_probe.runner import run_suite
-    data = write_imagefolder(tmp_path / "data", per_class=6, split="train")
-    write_imagefolder(tmp_path / "data", per_class=3, split="val", seed=1)
-    record, = run_suite(["timm:test_vit"], "imagenet,gradcam", tmp_path / "out",
-                        data={"imagenet": str(data), "ade20k": None},
-                        options={"limit": 4, "methods": ["gradcam"]}, cache=tmp_path / "cache", progress=False)
-    head = record["probes"]["gradcam"]["target"]["head"]
-    assert record["probes"]["gradcam"]["status"] == "ok", record["probes"]["gradcam"]
-    assert head["from"] == "the imagenet probe's refit head" and head["classes"] == ["cat", "dog", "fish"]
+
+def test_gradcam_explains_the_imagenet_probes_own_head_whatever_the_suite_order(tmp_path):
+    """`imagenet,gradcam`, `gradcam,imagenet` and `gradcam` alone: the one head the imagenet probe
+    refit and scored (the same weights, so the same maps and metrics); alone, the imagenet probe runs
+    because gradcam needs it and is recorded as such."""
+    data = write_planted(tmp_path / "planted", n_train=4, n_val=2)
+    runs = {}
+    for suite in ("imagenet,gradcam", "gradcam,imagenet", "gradcam"):
+        out = tmp_path / suite.replace(",", "_")
+        record, = run_suite(["timm:test_vit"], suite, out, data=data, options={"limit": 4, "target": "head"},
+                            cache=tmp_path / "cache", progress=False, bootstrap=0)
+        runs[suite] = record, _maps(record, out)
+    first, first_maps = runs["imagenet,gradcam"]
+    head = first["probes"]["gradcam"]["target"]["head"]
+    assert head["from"] == "the imagenet probe's refit head" and head["classes"] == ["blue", "green", "red"]
+    assert head["C"] == first["probes"]["imagenet"]["chosen_C"][0] and head["fitted_on"].endswith("imagenet")
+    assert head["val_top1"] == first["probes"]["imagenet"]["metrics"]["top1"]["value"]
+    for suite, (record, maps) in runs.items():
+        assert list(record["probes"]) == suite.split(",") + (["imagenet"] if suite == "gradcam" else [])
+        entry = record["probes"]["gradcam"]
+        assert entry["target"]["head"] == head, suite  # digest: the same weights, bias and standardisation
+        assert entry["metrics"] == first["probes"]["gradcam"]["metrics"]
+        assert entry["config_hash"] == first["probes"]["gradcam"]["config_hash"]
+        assert maps.keys() == first_maps.keys()
+        for key, value in maps.items():
+            np.testing.assert_array_equal(value, first_maps[key], err_msg=f"{suite}: {key}")
+    alone = runs["gradcam"][0]["probes"]["imagenet"]
+    assert alone["needed_by"] == ["gradcam"] and "needed_by" not in first["probes"]["imagenet"]
+    assert alone["metrics"] == first["probes"]["imagenet"]["metrics"]
+
+
+def test_a_head_that_is_not_one_layers_linear_map_is_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+    data = write_planted(tmp_path / "planted", n_train=2, n_val=1)
+    proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "gradcam", "--data",
+                        f"imagenet={data['imagenet']}", "--data", f"ade20k={data['ade20k']}", "--option",
+                        "target=head", "--option", "last_layers=2", "--option", "limit=2", "--bootstrap", "0")
+    assert_one_line_error(proc, "gradcam target head explains the imagenet probe's refit head, which is not a "
+                                "linear map of one layer's standardised pooled tokens here: the head reads 2 layers")
+
+
+def test_text_target_runs_no_linear_probe(tmp_path, monkeypatch):
+    """A text target needs no head: `--suite gradcam` never runs (or reads data for) the imagenet probe."""
+    import probes.linear
+    _dual_tower_dir(tmp_path / "siglip", "siglip")
+    monkeypatch.setattr(probes.linear.LinearProbe, "run", lambda *a: pytest.fail("the linear probe ran"))
+    data = write_planted(tmp_path / "planted", n_train=1, n_val=1)
+    out = tmp_path / "out"
+    record, = run_suite([f"hf:{tmp_path / 'siglip'}"], "gradcam", out, data={"ade20k": data["ade20k"]},
+                        options={"limit": 3, "methods": "gradcam"}, cache=tmp_path / "cache", progress=False,
+                        bootstrap=0)
+    assert list(record["probes"]) == ["gradcam"] and list(record["data"]) == ["ade20k"]
+    entry = record["probes"]["gradcam"]
+    assert entry["status"] == "ok" and entry["config"]["target"] == "text" and "head" not in entry["config"]
+    assert entry["data"]["images"] == 3 and set(entry["metrics"]) <= {"pointing_game@gradcam", "energy_in_mask@gradcam"}
+    saved = json.loads((out / record["encoder"]["fingerprint"][:16] / "results.json").read_text())
+    assert saved["probes"]["gradcam"]["items"]["n"] == 3

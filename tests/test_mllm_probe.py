@@ -7,8 +7,8 @@ from PIL import Image
 
 from encoder_probe.encoders import load_encoder
 from encoder_probe.errors import DataError
+from encoder_probe.runner import run_probe
 from encoder_probe.toy import write_hf_mllm
-from probes.gradcam import GradCAMProbe
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def records(tmp_path_factory):
 
 
 def _run(spec, data, options, out, view="base"):
+    """The gradcam entry of a run as results.json holds it (CIs left out: they are the runner's)."""
     enc = load_encoder(str(spec), view=view)
-    return enc, GradCAMProbe().run(enc, data, {"target": "mllm", **options}, {"out": out, "progress": False})
+    return enc, run_probe("gradcam", enc, data=data, options={"target": "mllm", **options}, out=out, bootstrap=0)
 
 
 def test_records_from_jsonl_are_mapped_and_scored_where_they_have_masks(qwen, records, tmp_path):
@@ -49,6 +50,10 @@ def test_records_from_jsonl_are_mapped_and_scored_where_they_have_masks(qwen, re
     scores = saved["energy_in_mask/gradient-norm"]
     assert np.isfinite(scores[[0, 2]]).all() and np.isnan(scores[1])  # record 2 has no mask: not scored
     assert result["metrics"]["energy_in_mask@gradient-norm"]["value"] == pytest.approx(float(np.nanmean(scores)))
+    from encoder_probe.items import Items
+    items = Items.load(tmp_path / enc.fingerprint[:16] / result["items"]["file"])
+    assert items.ids.tolist() == ["record:0", "record:1", "record:2"]
+    np.testing.assert_array_equal(items.columns["energy_in_mask@gradient-norm"][0], scores)  # NaN: not scored
     # the stored raw map of record 1 is the PIVOT map of the MLLM's own SFT loss on it
     m = load_mllm(qwen)
     first = json.loads(records.read_text().splitlines()[0])
@@ -66,7 +71,7 @@ def test_records_without_any_mask_are_mapped_not_scored(qwen, records, tmp_path)
     line["image"] = str(records.parent / line["image"])
     only.write_text(json.dumps(line) + "\n")
     _, result = _run(qwen, {"vqa": str(only)}, {"loss": "logprob"}, tmp_path)
-    assert result["metrics"] == {} and "no masks" in result["baseline"]["note"]
+    assert result["metrics"] == {} and "no masks" in result["baseline"]["note"] and "items" not in result
     assert result["target"]["loss_value_mean"] < 0  # a summed log-likelihood
 
 

@@ -200,7 +200,8 @@ def test_run_suite_checks_every_input_before_loading_the_first_encoder(tmp_path,
         ({"dtype": "int3"}, "unknown dtype"),
         ({"image_size": "12x"}, "image size"),
         ({"suite": "imagenet,nosuch"}, "unknown probe"),
-        ({"options": {"reference": ["nosuch:thing"]}}, "unknown source"),
+        ({"options": {"reference": ["nosuch:thing"]}, "suite": "align"}, "align.reference: unknown source"),
+        ({"options": {"kss": 3}}, "no probe of this run takes 'kss'"),
     ]
     for change, message in cases:
         args = {"encoders": [ENCODER, ENCODER], "suite": "imagenet", "out": tmp_path / "out", **change}
@@ -322,10 +323,11 @@ def test_run_ends_with_a_table_of_every_metric_then_where_the_results_are(suite_
     metrics = record["probes"]["imagenet"]["metrics"]
     assert "top1" in metrics and len(lines) == 2 + len(metrics) + 1  # header, rule, a row per metric, where
     for name, m in metrics.items():
-        low, high = m["ci95"]  # two seeds: a CI
+        low, high = m["ci95"]  # the bootstrap interval over the val images
+        seed_low, seed_high = m["seed_ci95"]  # two seeds: and the interval over seeds
         [row] = [line for line in lines if f" {name} " in line]
         assert row.split()[:3] == [ENCODER, "imagenet", name]
-        assert row.endswith(f"{m['value']:.3f} [{low:.3f}, {high:.3f}]")
+        assert row.endswith(f"{m['value']:.3f} [{low:.3f}, {high:.3f}] seeds [{seed_low:.3f}, {seed_high:.3f}]")
 
 
 def test_summary_table_rows_and_failures():

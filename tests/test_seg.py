@@ -8,9 +8,14 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error, run_cli, write_ade20k
 
 from encoder_probe import load_encoder
+from encoder_probe.bootstrap import statistic_value
+from encoder_probe.errors import SpecError
+from encoder_probe.items import Items
+from encoder_probe.runner import run_probe
 from encoder_probe.segmentation import (confusion_matrix, patch_counts, patch_scores, patch_union_targets,
                                         pixel_scores, upsample_bilinear)
-from probes.seg import SegProbe, TokenHead, logit_map
+from encoder_probe.selection import held_out
+from probes.seg import CachedTokens, TokenHead, evaluate_heads, logit_map, predict
 
 
 def _reference_scores(truth, pred, num_classes, ignore=255):
@@ -95,6 +100,50 @@ def test_token_head_is_batchnorm_plus_1x1_conv():
         assert torch.allclose(logit_map(head(tokens), (4, 6)), conv(bn(fmap)), atol=1e-5)
 
 
+class _GridFeatures:
+    """What a base FeatureSet gives CachedTokens (tokens, masks, grid), in memory."""
+
+    def __init__(self, tokens, masks, grid):
+        self._tokens, self.masks, self.grid, self.path = tokens, masks, grid, "in-memory"
+
+    def tokens(self, layer=None):
+        return self._tokens
+
+
+def test_per_image_outcomes_sum_to_the_split_confusion_and_patch_counts():
+    """Each val image's confusion and patch counts, summed, are what one pass over the whole split
+    counts (so mIoU from the items is the split-level mIoU), whatever the batching."""
+    rng = np.random.default_rng(0)
+    C, grid, n = 6, (3, 4), 7
+    masks = np.kron(rng.integers(0, C, (n, *grid)), np.ones((5, 4), np.int64)).astype(np.uint8)
+    masks[rng.random(masks.shape) < 0.1] = 255
+    features = _GridFeatures(rng.normal(size=(n, grid[0] * grid[1], 8)).astype(np.float16), masks, grid)
+    source = CachedTokens(features, [-1], torch.device("cpu"))
+    torch.manual_seed(0)
+    heads = (TokenHead("linear", 8, C).eval(), TokenHead("linear", 8, C).eval())
+    [scores] = evaluate_heads(source, np.arange(n), [heads], C, batch=3, per_image=True)
+    x, truth = source.batch(np.arange(n))
+    with torch.no_grad():
+        split_conf = confusion_matrix(truth, predict(heads[0], x, grid, truth.shape[-2:]), C).numpy()
+        split_counts = patch_counts(patch_union_targets(truth, grid, C), heads[1](x) > 0).numpy()
+    item, true, pred, count = scores["confusions"].T
+    per_image = np.zeros((n, C, C), np.int64)
+    np.add.at(per_image, (item, true, pred), count)
+    assert (count > 0).all() and np.array_equal(per_image.sum(0), split_conf)
+    assert np.array_equal(per_image.sum((1, 2)), (masks != 255).reshape(n, -1).sum(1))  # an image's own pixels
+    assert scores["patch_counts"].shape == (n, 3, C) and np.array_equal(scores["patch_counts"].sum(0), split_counts)
+    assert scores["mIoU"] == pixel_scores(torch.from_numpy(split_conf))["mIoU"]
+
+
+@pytest.mark.parametrize("n, fraction, seed", [(6, 0.1, 0), (40, 0.1, 3), (101, 0.25, 7)])
+def test_lr_holdout_draws_the_images_it_always_drew(n, fraction, seed):
+    """select_and_refit's held-out split (a count: not stratified) is the draw seg made before it
+    moved there, so a seed keeps choosing the same learning rates."""
+    held = np.sort(np.random.default_rng(seed).choice(n, max(1, int(round(fraction * n))), replace=False))
+    fit, got = held_out(n, fraction, seed)
+    assert np.array_equal(got, held) and np.array_equal(fit, np.setdiff1d(np.arange(n), held))
+
+
 @pytest.mark.slow
 def test_pretrained_tower_head_beats_its_random_twin_on_demo_data(tmp_path):
     """Real signal on the demo scenes: the ImageNet MobileNetV2's tokens against its random-init twin
@@ -103,8 +152,8 @@ def test_pretrained_tower_head_beats_its_random_twin_on_demo_data(tmp_path):
     options = {"epochs": 3, "lrs": [0.003, 0.03], "show": 3}
     for spec in ("torchvision:mobilenet_v2@imagenet", "torchvision:mobilenet_v2"):
         encoder = load_encoder(spec)
-        result = SegProbe().run(encoder, None, options, {"cache": tmp_path / "cache", "out": tmp_path / "out",
-                                                         "progress": False})
+        result = run_probe("seg", encoder, options=options, cache=tmp_path / "cache", out=tmp_path / "out",
+                           bootstrap=0)
         scores[spec] = {m: v["value"] for m, v in result["metrics"].items()}
         assert result["data"]["mask_size"] == [224, 224] and result["config"]["grid"] == [7, 7]
         assert len(result["sweep"][0]) == 2 and set(result["chosen_lr"]) <= {0.003, 0.03}
@@ -122,16 +171,49 @@ def test_cli_seg_on_an_ade20k_tree(tmp_path):
     write_ade20k(data, n=6, num_classes=5, split="training")
     write_ade20k(data, n=3, num_classes=5, split="validation", seed=1)
     proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "seg", "--data", f"ade20k={data}",
-                     "--head", "mlp", "--option", "epochs=2", "--option", "lrs=[0.01, 0.1]", "--seeds", "2")
+                        "--head", "mlp", "--option", "epochs=2", "--option", "lrs=[0.01, 0.1]", "--seeds", "2",
+                        "--bootstrap", "200")
     assert proc.returncode == 0, proc.stderr
     [results] = out.glob("*/results.json")
     seg = json.loads(results.read_text())["probes"]["seg"]
     assert seg["status"] == "ok" and seg["config"]["head"] == "mlp" and seg["data"]["classes"] == 150
     assert 0 <= seg["metrics"]["mIoU"]["value"] <= 1 and seg["artifacts"]["grid"] == "seg/predictions.png"
+    assert seg["runtime"]["seeds"] == 2 and "seeds" not in seg["config"] and seg["layers"] == ["final"]
     miou = seg["metrics"]["mIoU"]
-    assert len(miou["values"]) == 2 and miou["ci95"][0] <= miou["value"] <= miou["ci95"][1]
+    assert len(miou["values"]) == 2 and miou["seed_ci95"][0] <= miou["value"] <= miou["seed_ci95"][1]
+    assert miou["ci"]["B"] == 200 and miou["ci"]["n"] == 3 and miou["ci95"][0] <= miou["ci95"][1]
     assert len(seg["chosen_lr"]) == 2 and len(seg["per_class_iou"]) == 150
     assert (results.parent / "seg" / "predictions.png").is_file()
+    # per-item outcomes: every val image, both seeds; the statistics recompute the reported numbers
+    items = Items.load(results.parent / seg["items"]["file"])
+    assert sorted(items.ids) == [f"images/validation/ADE_validation_{i:08d}.jpg" for i in range(3)]
+    assert items.meta == {"num_classes": 150, "seeds": 2} and items.columns["patch_counts"].shape == (2, 3, 3, 150)
+    for name, metric in seg["metrics"].items():
+        assert metric["statistic"] == {"name": {"mIoU": "miou"}.get(name, name)}
+        assert statistic_value(metric["statistic"], items) == pytest.approx(metric["value"], abs=1e-9), name
+    c = items.columns
+    for s in range(2):
+        conf = np.zeros((150, 150), np.int64)
+        np.add.at(conf, (c["conf_true"][c["conf_seed"] == s], c["conf_pred"][c["conf_seed"] == s]),
+                  c["conf_count"][c["conf_seed"] == s])
+        scores = pixel_scores(torch.from_numpy(conf))
+        assert scores["mIoU"] == pytest.approx(miou["values"][s], abs=1e-12)
+        assert scores["classes_counted"] == seg["classes_counted"][s]
+
+
+
+@pytest.mark.parametrize("options, key", [({"lrs": [0]}, "seg.lrs must be > 0"),
+                                          ({"head": "cnn"}, "seg.head must be one of linear, mlp"),
+                                          ({"lrs": []}, "lrs is empty")])
+def test_bad_options_fail_before_any_extraction(monkeypatch, options, key):
+    import encoder_probe.features
+
+    def no_extraction(*a, **k):
+        raise AssertionError("features extracted before the options were checked")
+    monkeypatch.setattr(encoder_probe.features, "extract", no_extraction)
+    with pytest.raises(SpecError, match=key) as excinfo:
+        run_probe("seg", load_encoder("timm:test_vit"), options=options, bootstrap=0)
+    assert "\n" not in str(excinfo.value)
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -139,9 +221,9 @@ def test_cli_seg_on_an_ade20k_tree(tmp_path):
     ("orphan_annotation", "annotation has no image of the same name"),
     ("missing_annotation", "annotation missing for image"),
     ("empty_split", "no images"),
-    ("classification_data", "a segmentation probe needs segmentation data; --data gave only imagenet"),
-    ("bad_head", "head must be one of linear, mlp"),
-    ("bad_lr", "need positive lrs"),
+    ("classification_data", "probe 'seg' needs segmentation data; --data gave only imagenet"),
+    ("bad_head", "--option head=conv: seg.head must be one of linear, mlp"),
+    ("bad_lr", "--option lrs=0: seg.lrs must be > 0"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, problem, message):
     data = tmp_path / "ade"

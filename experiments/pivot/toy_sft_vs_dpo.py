@@ -17,8 +17,14 @@ import numpy as np
 
 from encoder_probe.cache import atomic_write_bytes, atomic_write_json
 from encoder_probe.pivot.demo import DEMO_PAIRS, DEMO_PER_CLASS, DEMO_SUITE, train_demo_models
-from encoder_probe.probe import summarize
+from encoder_probe.probe import seed_interval
 from encoder_probe.runner import run_suite
+
+
+def summarize(values) -> dict:
+    """Mean over seeds and its 95% t-interval (none for one seed)."""
+    values = [float(v) for v in values]
+    return {"value": float(np.mean(values)), "values": values, "ci95": seed_interval(values)}
 
 
 def metrics_of(record: dict) -> dict[str, float]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_ade20k, write_imagefolder
+from conftest import run_cli, write_ade20k, write_imagefolder
 from encoder_probe import load_encoder
 from encoder_probe.data import ADE20K, ImageFolder
 from encoder_probe.errors import DataError
@@ -115,14 +115,14 @@ def test_cli_bad_mask_is_one_line_exit_2_and_no_entry(tmp_path):
     write_ade20k(tmp_path / "ade", n=2, size=(64, 64))
     mask = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "training" / "ADE_training_00000001.png"
     Image.fromarray(np.full((64, 64), 200, np.uint8)).save(mask)
-    proc = _probe("extract", "--encoder", ENCODER, "--data", f"ade20k={tmp_path / 'ade'}", "--split", "train",
-                  "--out", str(tmp_path / "cache"), "--workers", "0")
-    out, err = proc.communicate(timeout=300)
-    lines = [line for line in err.splitlines() if line.startswith("probe: error")]
+    proc, cache = run_cli(tmp_path, "--encoder", ENCODER, "--data", f"ade20k={tmp_path / 'ade'}", "--split", "train",
+                          "--workers", "0", command="extract")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("probe: error")]
     assert proc.returncode == 2 and lines == [f"probe: error: {mask}: mask has label 200; labels must be 0..150"]
-    assert not (tmp_path / "cache").exists() or _entries(tmp_path / "cache") == []
+    assert not cache.exists() or _entries(cache) == []
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     data = tmp_path / "data"
     write_imagefolder(data, classes=("a", "b", "c", "d"), per_class=12, size=(200, 240))
@@ -162,6 +162,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     """One process with its default threads vs torchrun's two single-threaded gloo ranks: same bytes."""
     data = tmp_path / "data"
@@ -183,9 +184,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 
 
 def test_cli_extract_defaults_to_the_builtin_demo_data(tmp_path, cache_env):
-    proc = _probe("extract", "--encoder", ENCODER, "--split", "val", "--pool", "cls,mean", "--out", str(tmp_path / "f"))
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    proc, _ = run_cli(tmp_path, "--encoder", ENCODER, "--split", "val", "--pool", "cls,mean", command="extract")
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
     assert out.startswith("imagenet/val: 60 images -> ")
     fs = FeatureSet(out.split(" -> ")[1].strip())
     assert fs.root.startswith(str(cache_env)) and fs.class_names[0] == "circle"

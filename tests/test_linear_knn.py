@@ -354,6 +354,7 @@ def lfw_features(tmp_path_factory):
 
 
 @pytest.mark.parametrize("C", [0.001, 1.0, 1000.0])
+@pytest.mark.slow
 def test_two_classes_fit_sklearns_binomial_model_at_the_same_C(lfw_features, C):
     x, y, xv, yv = lfw_features
     assert len(np.unique(y)) == 2
@@ -370,6 +371,7 @@ def test_two_classes_fit_sklearns_binomial_model_at_the_same_C(lfw_features, C):
     assert not np.allclose(ours.decision_function(xv).numpy(), at_2C.decision_function(xv), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_probe_solvers_agree_on_two_classes_and_record_convergence(lfw_features):
     x, y, xv, yv = lfw_features
     runs = {solver: run_protocol(x, y, xv, yv, LinearConfig(solver=solver, Cs=[1e-4, 1e-3, 1e-2]), 0, 2)

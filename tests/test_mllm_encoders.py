@@ -332,6 +332,7 @@ def test_qwen_non_square_input_equals_the_models_own_forward(toy_dir, kind):
     assert torch.equal(merged.patches.reshape(-1, merged.patches.shape[-1]), out.pooler_output)
 
 
+@pytest.mark.slow
 def test_an_unchanged_spec_keeps_its_fingerprint_across_processes(toy_dir, tmp_path):
     import os
     import subprocess

@@ -141,6 +141,7 @@ def test_probe_train_dpo_on_real_layouts_loads_everywhere(kind, qwen, onevision,
     assert trained.shape == start.shape and not torch.equal(trained, start)  # the tower moved
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(qwen, pairs, tmp_path):
     """kill -9 after step 3 (checkpoint at step 2), rerun: the weights equal an uninterrupted 6-step run's."""
     script = KILL_SCRIPT

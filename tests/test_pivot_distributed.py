@@ -87,6 +87,7 @@ def _finished(run, steps) -> None:
 
 # -- DDP ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("objective", ["dpo", "sft"])
+@pytest.mark.slow
 def test_ddp_on_two_processes_trains_the_weights_of_one(objective, qwen, pairs, tmp_path):
     """`torchrun --nproc_per_node 2 -m encoder_probe train ...` (gloo) = one process at the same 4 pairs per step
     (1 pair per forward: 2 x 2 accumulated vs 1 x 4), weights and log.csv; checkpoints on."""
@@ -104,6 +105,7 @@ def test_ddp_on_two_processes_trains_the_weights_of_one(objective, qwen, pairs, 
         _finished(run, 2)
 
 
+@pytest.mark.slow
 def test_a_killed_ddp_run_resumes_to_the_weights_of_one_process(qwen, pairs, tmp_path):
     """Both processes killed after step 3 (checkpoint at 2), relaunched: the weights, log and gradient-map
     snapshots of one uninterrupted process (each rank's data order and RNG come back from the checkpoint)."""
@@ -128,6 +130,7 @@ def test_a_killed_ddp_run_resumes_to_the_weights_of_one_process(qwen, pairs, tmp
             np.testing.assert_allclose(a[f"map_{i}"], b[f"map_{i}"], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_pretrain_on_two_processes_composes_once_and_trains_the_weights_of_one(parts, pairs, tmp_path):
     """The fresh MLLM is composed by the main process first (the others wait, then read it); both phases then run
     as DDP and end where one process ends (two Adam steps a phase: the second depends on the gradients' values,

@@ -281,6 +281,7 @@ def test_overlays_side_by_side_and_self_contained_html(runs_with_artifacts, tmp_
     assert "overlay_gradcam.png" in result.files
 
 
+@pytest.mark.slow
 def test_report_html_renders_in_headless_chromium(runs_with_artifacts, tmp_path):
     """The page loads in a real browser and every <img> decodes (naturalWidth > 0); a screenshot is not blank."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -399,6 +400,7 @@ def test_run_suite_writes_the_versioned_schema(tmp_path):
     assert twice.delta == 0 and twice.noise_rule == "paired" and twice.noise == "inside"
 
 
+@pytest.mark.slow
 def test_ci_gate_script_passes_on_its_baseline_and_fails_on_a_regression(tmp_path, monkeypatch):
     """experiments/ci/gate.sh end to end on a tiny encoder and data: exit 0 and a report on its own
     baseline; its last step (`probe check`) exits 1 once the baseline is better by more than the tolerance."""

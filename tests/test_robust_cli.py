@@ -211,6 +211,7 @@ def test_run_suite_checks_every_input_before_loading_the_first_encoder(tmp_path,
 
 
 # -- 2. Ctrl-C -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_no_traceback_and_nothing_half_written(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     # 400 images (about 20 s of extraction): on a loaded box this test may see the first chunk (and signal)
@@ -252,6 +253,7 @@ def test_ctrl_c_is_one_line_exit_130_no_traceback_and_nothing_half_written(tmp_p
 
 
 # -- 3. two processes, one entry ---------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_extracting_the_same_entry_both_succeed(tmp_path):
     """`probe extract` in a subprocess, and this process asking for the same entry while it extracts:
     the second waits on the entry's lock and reuses the finished entry (no crash, no stale .partial)."""

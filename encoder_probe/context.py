@@ -251,8 +251,8 @@ class RunContext:
                                 f" -> {name}")
             self._run.execute(name)
         result = self._run.results[name]
-        if result is None:
-            raise DataError(f"probe {self.name!r} needs the output of {name!r}, which failed on this encoder")
+        if result is None:  # recorded as this probe's failure too, not a reason to lose the other results
+            raise RuntimeError(f"probe {self.name!r} needs the output of {name!r}, which failed on this encoder")
         return result
 
     def config_of(self, name: str):

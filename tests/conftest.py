@@ -113,3 +113,15 @@ def cache_env(tmp_path, monkeypatch):
     """Generated data and features go to a per-test cache, never ~/.cache."""
     monkeypatch.setenv("ENCODER_PROBE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if an encoder is loaded or anything extracted: the refusal must come first."""
+    import encoder_probe.features
+    import encoder_probe.runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+    monkeypatch.setattr(encoder_probe.runner, "load_encoder", refuse)
+    monkeypatch.setattr(encoder_probe.features, "extract", refuse)

@@ -310,18 +310,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, images, args, message):
     assert not list(out.glob("*/results.json"))
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if an encoder is loaded or anything extracted: the refusal must come first."""
-    import encoder_probe.features
-    import encoder_probe.runner
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started before the options were checked")
-    monkeypatch.setattr(encoder_probe.runner, "load_encoder", refuse)
-    monkeypatch.setattr(encoder_probe.features, "extract", refuse)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--reference", "nosuch:thing"], "align.reference: unknown source 'nosuch'"),
     (["--reference", "/no/such/tower"], "align.reference: /no/such/tower: no such directory"),

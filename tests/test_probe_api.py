@@ -13,18 +13,6 @@ from encoder_probe.probe import config_hash, split_config
 from encoder_probe.runner import plan
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if anything is loaded or extracted: validation must come first."""
-    import encoder_probe.features
-    import encoder_probe.runner
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started before the options were validated")
-    monkeypatch.setattr(encoder_probe.runner, "load_encoder", refuse)
-    monkeypatch.setattr(encoder_probe.features, "extract", refuse)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--option", "kss=10"], "--option kss=10: no probe of this run takes 'kss' (imagenet: "),
     (["--option", "ks=abc"], "--option ks=abc: knn.ks must be a list of integers, got 'abc'"),
@@ -214,3 +202,33 @@ def test_run_probe_gives_the_results_json_entry_of_one_probe(tmp_path):
     assert metric["ci"] == {"method": "bootstrap", "over": "items", "B": 200, "n": entry["items"]["n"], "seed": 0}
     with pytest.raises(SpecError, match="knn.ks must be >= 1"):
         run_probe("knn", encoder, options={"ks": [0]}, cache=tmp_path)
+
+
+def test_a_probe_whose_dependency_failed_is_recorded_failed_and_the_rest_stand(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from encoder_probe import probe as registry
+    from encoder_probe.probe import Needs, Probe
+
+    @dataclass
+    class Nothing:
+        pass
+
+    class Broken(Probe):
+        name, Config = "broken", Nothing
+
+        def run(self, ctx, cfg):
+            raise RuntimeError("boom")
+
+    class Dependent(Probe):
+        name, Config, needs = "dependent", Nothing, Needs(probes=("broken",))
+
+        def run(self, ctx, cfg):
+            return ctx.output("broken")
+    monkeypatch.setitem(registry._IN_PROCESS, "broken", Broken)
+    monkeypatch.setitem(registry._IN_PROCESS, "dependent", Dependent)
+    proc, out = run_cli(tmp_path, "--encoder", "timm:test_vit", "--suite", "dependent,knn", "--bootstrap", "0")
+    assert proc.returncode == 1
+    record = json.loads(next(out.rglob("results.json")).read_text())
+    assert record["probes"]["dependent"]["status"] == "failed" and "which failed" in record["probes"]["dependent"]["error"]
+    assert record["probes"]["broken"]["status"] == "failed" and record["probes"]["knn"]["status"] == "ok"

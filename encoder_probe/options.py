@@ -33,6 +33,21 @@ def _unwrap(annotation):
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+def _number(value):
+    """An int or float from a number or its text (never a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return None
+
+
 def _scalar(value, kind, describe: str):
     if kind in (None, object, typing.Any):
         return value
@@ -41,24 +56,10 @@ def _scalar(value, kind, describe: str):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    elif kind in (int, float):
+        number = _number(value)
+        if number is not None and (kind is float or float(number).is_integer()):
+            return kind(number)
     elif kind is str:
         if isinstance(value, str):
             return value

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from encoder_probe.features import POOLS
 from encoder_probe.items import Items
 from encoder_probe.probe import Metric, Needs, Probe, ProbeResult, protocol, runtime, topk_defined
-
-POOLS = ("cls", "mean", "cls+mean", "head")
 
 
 @dataclass

@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast install install-test clean fashion-mnist chromium
+.PHONY: demo test test-fast install install-test bench-install clean fashion-mnist chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ chromium:
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# benchmark-only peers (CLIP_benchmark, thingsvision): --no-deps, they pin ancient stacks (benchmarks/requirements.txt)
+bench-install: install
+	$(PY) -m pip install -q --no-deps -r benchmarks/requirements.txt
 
 demo: install
 	$(VENV)/bin/probe list

@@ -34,6 +34,7 @@ from torch import nn
 
 from .encoders.base import Tokens
 from .encoders.views import TokenLayout
+from .runtime import keep_freed_memory
 
 
 class TokenLayer(nn.Module):
@@ -64,6 +65,7 @@ def token_gradients(target, pixels: torch.Tensor, rows=None) -> tuple[torch.Tens
     """
     from captum._utils.gradient import compute_layer_gradients_and_eval
 
+    keep_freed_memory()  # idempotent: the backward's buffers are not re-faulted every batch
     layer = TokenLayer()
     with torch.enable_grad():
         grads, evals = compute_layer_gradients_and_eval(

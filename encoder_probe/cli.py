@@ -265,7 +265,8 @@ def cmd_extract(args) -> int:
         dataset = open_dataset(name, root, split, **subsample)
         features = extract(encoder, dataset, out=args.out, layers=layers, pool=args.pool.split(","),
                            tokens=args.tokens, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           num_workers=args.workers, on_bad_image=args.on_bad_image)
+                           num_workers=args.workers, on_bad_image=args.on_bad_image, autocast=args.autocast,
+                           decode=args.decode)
         if int(os.environ.get("RANK", "0")) == 0:
             skipped = features.meta["skipped"]
             counts = features.meta.get("tokens_per_image") or {}
@@ -289,6 +290,8 @@ def cmd_run(args) -> int:
         if value is not None:  # shorthands for --option KEY=VALUE, routed the same way
             options.setdefault(key, value)
             origin.setdefault(key, f"{flag} {' '.join(value) if isinstance(value, list) else value}")
+    from .runtime import extraction_defaults
+    extraction_defaults(autocast=args.autocast, decode=args.decode or "auto")  # every probe's features
     results = run_suite(args.encoder, args.suite, args.out, device=args.device, dtype=args.dtype, data=data,
                         seeds=args.seeds, options=options, option_origin=origin, bootstrap=args.bootstrap,
                         **_load_options(args))
@@ -496,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--chunk-size", type=int, help="images per resumable chunk (default 1024, 256 with --tokens)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
+    _extract_flags(p)
     p.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
                    help="an unreadable image fails the run (default) or is skipped and counted")
     loading(p)
@@ -520,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a probe option, repeatable: KEY=VALUE goes to every probe of the suite that takes KEY, "
                    "PROBE.KEY=VALUE to that probe (e.g. knn.ks=10,20); `probe list --options` lists them; an unknown "
                    "key or a bad value stops the run before any work (default: none)")
+    _extract_flags(p)
     p.add_argument("--reference", action="append", metavar="SPEC",
                    help="a reference encoder for the align probe (repeatable), e.g. the tower before SFT/DPO "
                    "(default: none)")
@@ -567,7 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _extract_flags(p) -> None:
+    """--autocast / --decode of `probe extract` and `probe run` (the GPU-side extraction options)."""
+    from .runtime import AUTOCASTS, DECODES
+    p.add_argument("--autocast", choices=list(AUTOCASTS), help="forward under torch.autocast in this dtype "
+                   "(features stored float32; part of the cache key)")
+    p.add_argument("--decode", choices=list(DECODES), help="where JPEGs are decoded: cpu (PIL in the loader), "
+                   "device (torchvision decode_jpeg + preprocessing on the encoder's device), auto (device on "
+                   "CUDA; default)")
+
+
 def main(argv=None) -> int:
+    from .runtime import keep_freed_memory
+    keep_freed_memory()  # before any buffer is allocated: CPU forwards stop re-faulting their activations
     try:
         args = build_parser().parse_args(argv)
         check_args(args)  # before any weights are loaded or anything is written

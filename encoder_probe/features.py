@@ -47,12 +47,14 @@ import torch
 
 from .cache import atomic_dir, atomic_write_bytes, atomic_write_json, cache_root
 from .data.base import ImageDataset
+from .runtime import AUTOCASTS, DECODES
 from .data.images import BadSample
 from .errors import DataError, SpecError
 
 FORMAT_VERSION = 1
 POOLS = ("cls", "mean", "cls+mean", "head")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+AUTOCAST = dict(zip(AUTOCASTS, (torch.bfloat16, torch.float16)))
 FULL_VIEW_BATCH = 8  # images per loader batch in view full (the tower still runs passes of 64 tiles)
 
 
@@ -241,7 +243,8 @@ class FeatureSet:
 
 
 # -- keys ---------------------------------------------------------------------------------------
-def cache_key(encoder, dataset: ImageDataset, *, layers, pool, tokens: bool, memo_dir: Path | None) -> dict:
+def cache_key(encoder, dataset: ImageDataset, *, layers, pool, tokens: bool, memo_dir: Path | None,
+              autocast: str | None = None, decode: str = "cpu") -> dict:
     """Every part that decides the bytes of an entry (hashed into its name, kept in meta.json)."""
     key = {
         "format": FORMAT_VERSION,
@@ -254,6 +257,10 @@ def cache_key(encoder, dataset: ImageDataset, *, layers, pool, tokens: bool, mem
         "tokens": bool(tokens),
         "dtype": str(encoder.dtype).removeprefix("torch."),
     }
+    if autocast is not None:  # both change the features; keys without them stay what they were
+        key["autocast"] = autocast
+    if decode != "cpu":
+        key["transform"]["decode"] = decode
     if getattr(encoder, "view", "base") != "base":  # base keys (and so base entries) stay what they were
         key["view"] = encoder.view
         if dataset.has_masks:
@@ -329,12 +336,19 @@ def _chunk_name(c: int) -> str:
 class _Extraction:
     """One (possibly resumed, possibly sharded) run that fills ``partial`` with chunk files."""
 
-    def __init__(self, encoder, dataset, key, partial: Path, plan: dict, on_bad_image: str):
+    def __init__(self, encoder, dataset, key, partial: Path, plan: dict, on_bad_image: str, pipeline=None):
         self.encoder, self.dataset, self.key, self.partial = encoder, dataset, key, partial
         self.batch_size, self.chunk_size = plan["batch_size"], plan["chunk_size"]
         self.on_bad_image = on_bad_image
         self.layers, self.pool, self.tokens = key["layers"], key["pool"], key["tokens"]
+        self.pipeline = pipeline  # decode="device": workers read bytes, this decodes and preprocesses
         self.grid = None
+
+    def autocast(self):
+        """torch.autocast for the forward when the key asks for it (pooled features are stored float32)."""
+        from contextlib import nullcontext
+        name = self.key.get("autocast")
+        return torch.autocast(self.encoder.device.type, AUTOCAST[name]) if name else nullcontext()
 
     def batches(self, chunks):
         n = len(self.dataset)
@@ -355,7 +369,7 @@ class _Extraction:
         if "pixels" not in batch:
             return arrays
         pixels = batch["pixels"].to(self.encoder.device, self.encoder.dtype, non_blocking=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             per_layer = self.encoder.forward_tokens(pixels, self.layers)
             for layer, tokens in zip(self.layers, per_layer):
                 tag = _layer_tag(layer)
@@ -375,7 +389,7 @@ class _Extraction:
         if masks:
             arrays["mask_pixels"] = np.concatenate([m.reshape(-1) for m in masks])
             arrays["mask_shapes"] = np.array([m.shape for m in masks], dtype=np.int64).reshape(-1, 2)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             per_image = self.encoder.forward_tokens(batch["pixels"], self.layers)
         layouts = [image[0].layout for image in per_image]
         lines = [(json.dumps(layout.to_dict(), separators=(",", ":")) + "\n").encode() for layout in layouts]
@@ -412,12 +426,16 @@ class _Extraction:
 
     def run(self, chunks: list[int], *, num_workers: int, progress: bool, desc: str):
         from tqdm.auto import tqdm
+        from .data.device_decode import FileBytes, collate_bytes, decode_batch
         batches, owner = self.batches(chunks)
         if not batches:
             return
+        source, collate = (FileBytes(self.dataset), collate_bytes) if self.pipeline else (self.dataset, _collate)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+            source, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
             pin_memory=self.encoder.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None)
+        if self.pipeline:
+            loader = (decode_batch(batch, self.pipeline, self.encoder.device) for batch in loader)
         remaining = {c: owner.count(c) for c in chunks}
         parts: dict[int, list] = {}
         skipped: dict[int, list] = {}
@@ -509,10 +527,70 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+PLAN_PROBE = 8  # images decoded and forwarded to weigh decoding against the forward
+
+
+def cpu_plan(encoder, dataset, batch_size: int, decoded_on_device: bool = False) -> tuple[int, int | None]:
+    """(loader workers, torch threads or None to leave them) for ``extract``'s default.
+
+    Off CPU (or decoding on the device) the forward does not compete with the loader: the usual
+    workers. On CPU both share the cores, and torch's spinning threads lose badly to a worker that
+    preempts them: decoding a few images and forwarding them measures the decode share s of the
+    work per image; when the loader needs at least half a core (cores x s >= 0.5) it gets its own
+    cores and torch the rest, else one worker fits in the forward's gaps and torch keeps every core.
+    """
+    n = cores()
+    if encoder.device.type != "cpu" or decoded_on_device or len(dataset) < 2 * batch_size \
+            or getattr(encoder, "view", "base") != "base" or n < 2:
+        return default_workers(), None
+    share = _decode_share(encoder, dataset)
+    if share is None:
+        return default_workers(), None
+    workers = max(1, math.ceil(n * share))
+    return (workers, max(1, n - workers)) if n * share >= 0.5 else (1, None)
+
+
+def _decode_share(encoder, dataset) -> float | None:
+    """Decode time over decode + forward core time per image, on the first few images."""
+    import time
+    start = time.perf_counter()
+    items = [dataset[i] for i in range(min(PLAN_PROBE, len(dataset)))]
+    decode = time.perf_counter() - start
+    pixels = [x["pixels"] for x in items if not isinstance(x, BadSample)]
+    if not pixels or not isinstance(pixels[0], torch.Tensor):
+        return None
+    x = torch.stack(pixels).to(encoder.device, encoder.dtype)
+    with torch.inference_mode():
+        encoder.forward_tokens(x, [encoder.layer])  # warm-up: first calls allocate and pick kernels
+        start = time.perf_counter()
+        encoder.forward_tokens(x, [encoder.layer])
+        forward = (time.perf_counter() - start) * torch.get_num_threads() * len(items) / len(pixels)
+    return decode / (decode + forward)
+
+
+def _decode_plan(decode: str, encoder, dataset) -> tuple[object, dict]:
+    """(device pipeline or None, what meta.json records about decoding)."""
+    from .data.device_decode import device_pipeline
+    if decode == "cpu" or (decode == "auto" and encoder.device.type != "cuda"):
+        return None, {"asked": decode, "used": "cpu"}
+    if getattr(encoder, "view", "base") != "base":
+        return None, {"asked": decode, "used": "cpu", "reason": "view full: the checkpoint's own processor"}
+    pipeline, reason = device_pipeline(encoder.preprocess.transform, dataset)
+    if pipeline is None:
+        return None, {"asked": decode, "used": "cpu", "reason": reason}
+    return pipeline, {"asked": decode, "used": "device"}
+
+
 def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, layers=None,
             pool: str | Sequence[str] = ("mean",), tokens: bool = False, batch_size: int = 64,
             chunk_size: int | None = None, num_workers: int | None = None, device=None, dtype=None,
-            on_bad_image: str = "fail", progress: bool = True) -> FeatureSet:
+            on_bad_image: str = "fail", progress: bool = True, autocast: str | None = None,
+            decode: str | None = None) -> FeatureSet:
     """Extract (or reuse) features of ``dataset`` through ``encoder``; returns the cache entry.
 
     layers: None (the encoder's default layer), one layer, or a list (one forward pass for all).
@@ -522,8 +600,19 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
     out: the cache directory (default ``cache_root()/features``).
     on_bad_image: "fail" (default; the error names the file) or "skip" (skipped files are counted
     in ``meta["skipped"]``). A mask that does not fit its image or has unknown labels always fails.
+    num_workers: None balances loader workers against torch threads on CPU (:func:`cpu_plan`).
+    autocast: None, "bf16" or "fp16": the forward under ``torch.autocast`` (part of the key).
+    decode: "cpu" (PIL in the workers), "device" (workers read bytes, JPEGs decoded and preprocessed on
+    the encoder's device; falls back to "cpu" with the reason in ``meta["decode"]`` where the data or
+    the preprocessing does not allow it) or "auto" ("device" on CUDA, else "cpu"). None for either: the
+    process default (``runtime.extraction_defaults``: no autocast, "auto", unless ``probe run`` set them).
     """
     from .encoders import load_encoder
+    from .runtime import extraction_defaults, keep_freed_memory
+    keep_freed_memory()
+    defaults = extraction_defaults()
+    autocast = defaults["autocast"] if autocast is None else autocast
+    decode = defaults["decode"] if decode is None else decode
     if isinstance(encoder, str):
         encoder = load_encoder(encoder)
     pool = [pool] if isinstance(pool, str) else list(pool)
@@ -534,6 +623,10 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
         raise SpecError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
     if batch_size < 1:
         raise SpecError(f"batch_size must be >= 1, got {batch_size}")
+    if autocast is not None and autocast not in AUTOCAST:
+        raise SpecError(f"autocast must be None, {', '.join(map(repr, AUTOCAST))}; got {autocast!r}")
+    if decode not in DECODES:
+        raise SpecError(f"decode must be one of {', '.join(map(repr, DECODES))}; got {decode!r}")
     if getattr(encoder, "view", "base") == "full":  # an image is up to 37 tiles: loader batches of a few images
         batch_size = min(batch_size, FULL_VIEW_BATCH)  # keep host memory near a base batch's (tokens are per image)
     rank, world = _distributed()
@@ -549,11 +642,13 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
                         f"got {layers}")
     out = Path(out) if out is not None else cache_root() / "features"
     dataset.with_transform(encoder.preprocess)
+    pipeline, decoded = _decode_plan(decode, encoder, dataset)
 
     memo = out / ".file-hashes"
     if rank != 0:
         _barrier(world)  # rank 0 hashes the files first; the others then hit its memo
-    key = cache_key(encoder, dataset, layers=layers, pool=pool, tokens=tokens, memo_dir=memo)
+    key = cache_key(encoder, dataset, layers=layers, pool=pool, tokens=tokens, memo_dir=memo, autocast=autocast,
+                    decode="device" if pipeline else "cpu")
     if rank == 0:
         _barrier(world)
     sha = _sha(key)
@@ -565,7 +660,7 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
         _barrier(world)  # the other ranks look at the entry once rank 0 holds its lock
         return _extract_entry(encoder, dataset, key, sha, out, entry, rank=rank, world=world,
                               batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
-                              on_bad_image=on_bad_image, progress=progress)
+                              on_bad_image=on_bad_image, progress=progress, pipeline=pipeline, decoded=decoded)
     finally:
         if lock is not None:
             lock.release()
@@ -594,7 +689,7 @@ def _lock_entry(out: Path, entry: Path, progress: bool):
 
 def _extract_entry(encoder, dataset, key: dict, sha: str, out: Path, entry: Path, *, rank: int, world: int,
                    batch_size: int, chunk_size: int | None, num_workers: int | None, on_bad_image: str,
-                   progress: bool) -> FeatureSet:
+                   progress: bool, pipeline=None, decoded: dict | None = None) -> FeatureSet:
     """The entry under its lock: reuse it if built, else extract (resuming finished chunks) and merge."""
     partial = out / f".{entry.name}.partial"
     if (entry / "meta.json").is_file():
@@ -620,20 +715,27 @@ def _extract_entry(encoder, dataset, key: dict, sha: str, out: Path, entry: Path
     if done and rank == 0 and progress:
         print(f"resuming {entry.name}: {len(done)} of {n_chunks} chunks already done", file=sys.stderr)
 
-    job = _Extraction(encoder, dataset, key, partial, plan, on_bad_image)
-    workers = num_workers if num_workers is not None else default_workers()
+    job = _Extraction(encoder, dataset, key, partial, plan, on_bad_image, pipeline)
+    workers, threads = (num_workers, None) if num_workers is not None or not mine else \
+        cpu_plan(encoder, dataset, plan["batch_size"], decoded_on_device=pipeline is not None)
     desc = f"extract {dataset.name}/{dataset.split}" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    before = torch.get_num_threads()
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         job.run(mine, num_workers=workers, progress=progress, desc=desc)
     except BaseException as e:  # bad data, or nothing done yet: leave no trace; else keep chunks to resume
         if isinstance(e, DataError) or not any(partial.glob("chunk-*")):
             shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(before)
     _barrier(world)
     if rank == 0:
         meta = {"key_sha256": sha, "key": key, "encoder": {"spec": encoder.spec, "source": encoder.source},
                 "data": {**dataset.describe(), "class_names": dataset.class_names},
-                "depth": encoder.layers.depth, "plan": {k: plan[k] for k in ("batch_size", "chunk_size")}}
+                "depth": encoder.layers.depth, "plan": {k: plan[k] for k in ("batch_size", "chunk_size")},
+                "decode": decoded}
         _merge(partial, entry, n_chunks, meta)
     _barrier(world)
     return FeatureSet(entry)

@@ -19,6 +19,9 @@ convex in W, so ``||grad|| / (lam ||W||)`` bounds the relative distance of W to 
 float32; a fit that stalls short of ``tol`` at float32's resolution of the objective is polished
 in float64 when that copy fits), mini-batch Adam otherwise; along a C path each fit starts from
 the previous solution.
+
+:class:`LogisticRegressionGrid` fits every C of a grid at once on the same objective, the heads
+stacked into one matrix (see its docstring): what the linear probe's sweep runs.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CHECK_EVERY = 20  # L-BFGS iterations between convergence checks (its history carries over)
+from .selection import curve_turned
+
+CHECK_EVERY = 5  # L-BFGS iterations between convergence checks (its history carries over; a check is one norm)
 
 
 @dataclass
@@ -89,16 +94,18 @@ class LogisticRegression:
                                     1.0 / (self.C * len(X)), self.binary))
 
     def fit(self, X, y, *, init: "LogisticRegression | None" = None) -> "LogisticRegression":
-        X = self._tensor(X)
+        device = torch.device(self.device or "cpu")
+        # full batch: the features on the device; mini-batch: on the host, each batch copied over
+        X = self._tensor(X) if self.batch_size is None else _host(X, device)
         self.classes_ = np.unique(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y))
         if len(self.classes_) < 2:
             raise ValueError(f"needs at least two classes, got {self.classes_.tolist()}")
         t = self._targets(y, X.device)
         rows = 1 if self.binary else len(self.classes_)
         if init is not None and init.coef_ is not None and np.array_equal(init.classes_, self.classes_):
-            W, b = init.coef_.detach().clone().to(X.device), init.intercept_.detach().clone().to(X.device)
+            W, b = init.coef_.detach().clone().to(device), init.intercept_.detach().clone().to(device)
         else:
-            W, b = X.new_zeros(rows, X.shape[1]), X.new_zeros(rows)
+            W, b = torch.zeros(rows, X.shape[1], device=device), torch.zeros(rows, device=device)
         W.requires_grad_(True)
         b.requires_grad_(True)
         lam = 1.0 / (self.C * len(X))
@@ -175,9 +182,16 @@ def _gradient(X, t, W, b, lam, binary, batch_size=None) -> torch.Tensor:
     step = batch_size or len(X)
     for start in range(0, len(X), step):
         rows = slice(start, start + step)
-        (_per_sample(X[rows], t[rows], W, b, binary).sum() / len(X)).backward()
+        x, y = X[rows].to(W.device, non_blocking=True), t[rows].to(W.device, non_blocking=True)
+        (_per_sample(x, y, W, b, binary).sum() / len(X)).backward()
     (0.5 * lam * (W * W).sum()).backward()
     return torch.cat([W.grad.flatten(), b.grad])
+
+
+def _host(X, device: torch.device) -> torch.Tensor:
+    """The features as a float32 host tensor, pinned when batches go to a GPU (asynchronous copies)."""
+    X = (X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))).to("cpu", torch.float32)
+    return X.pin_memory() if device.type == "cuda" else X
 
 
 def fits_in_memory(nbytes: int, device=None) -> bool:
@@ -230,9 +244,9 @@ def _adam(X, t, W, b, lam, binary, batch_size, epochs) -> int:
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         for rows in torch.randperm(len(X), generator=generator).split(batch_size):
-            rows = rows.to(X.device)
+            x, y = X[rows].to(W.device, non_blocking=True), t[rows].to(W.device, non_blocking=True)
             optimizer.zero_grad()
-            _objective(X[rows], t[rows], W, b, lam, binary).backward()
+            _objective(x, y, W, b, lam, binary).backward()
             optimizer.step()
             schedule.step()
     return steps
@@ -245,3 +259,261 @@ def fit_path(X, y, Cs, **params) -> list[LogisticRegression]:
         previous = LogisticRegression(C=float(C), **params).fit(X, y, init=previous)
         models.append(previous)
     return models
+
+
+# -- every C of a grid at once ------------------------------------------------------------------
+CHUNK_BYTES = 64 << 20  # logits of one row chunk (all stacked heads): bounds the work memory
+PRECONDITION_MAX_DIM = 8192  # eigendecompose E[x x^T] up to this feature dimension (8192: ~1 min on 2 cores)
+NOISE = 1e-7  # relative change of the objective that float32 logits cannot resolve (measured ~1e-7)
+
+
+@dataclass
+class LogisticRegressionGrid:
+    """Every C of a grid fitted together, the heads stacked: one GEMM per pass over the features.
+
+    With few classes a single fit is memory-bound (the features are read to multiply a (D, K)
+    matrix), so stacking the grid's heads into one (D, heads x K) matrix costs about one fit's
+    pass for all of them (DINOv2 trains its many linear heads on one forward the same way). Each
+    head runs its own L-BFGS (own history, own Armijo step) on the same objective as
+    :class:`LogisticRegression` and stops at its own ``tol``; a head that is done leaves the
+    stack. With a ``scorer`` (a fitted model -> held-out score, higher is better) the sweep stops
+    once ``patience`` successive larger C values have not beaten the best one: the heads still
+    running then are dropped (``models_`` holds None for them, ``scores_`` NaN).
+
+    The sweep only has to rank C values; the chosen C is refit tightly by the caller.
+    """
+
+    Cs: list
+    tol: float = 1e-2
+    max_iter: int = 1000
+    patience: int = 0  # 0: fit every C
+    n_scored: int | None = None  # held-out items the scorer's proportion is over (the turn's margin)
+    device: str | torch.device | None = None
+    n_classes: int | None = None
+    history: int = 10
+
+    models_: list | None = None
+    scores_: np.ndarray | None = None
+    n_passes_: int = 0  # evaluations of the stacked objective (each one pass over the features)
+    stopped_: str | None = None
+
+    def fit(self, X, y, scorer=None, init: "LogisticRegression | None" = None) -> "LogisticRegressionGrid":
+        """``init``: a fitted model (same classes) every head starts from (the refit starts from the
+        sweep's solution); else zeros."""
+        Cs = [float(c) for c in self.Cs]
+        if any(b <= a for a, b in zip(Cs, Cs[1:])):
+            raise ValueError(f"Cs must be strictly ascending, got {Cs}")
+        template = LogisticRegression(C=Cs[0], device=self.device, n_classes=self.n_classes)
+        X = template._tensor(X)
+        template.classes_ = np.unique(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y))
+        if len(template.classes_) < 2:
+            raise ValueError(f"needs at least two classes, got {template.classes_.tolist()}")
+        problem = _Stacked(X, template._targets(y, X.device), template.binary, len(template.classes_))
+        lam = torch.tensor([1.0 / (C * len(X)) for C in Cs], dtype=torch.float64, device=X.device)
+        H = len(Cs)
+        self.models_, self.scores_, self.stopped_ = [None] * H, np.full(H, np.nan), None
+        theta = torch.zeros(H, problem.size, device=X.device)
+        if init is not None and np.array_equal(init.classes_, template.classes_):
+            theta[:] = torch.cat([init.coef_.flatten(), init.intercept_]).to(X.device)
+
+        def finish(h, theta, gradient, n_iter):
+            model = LogisticRegression(C=Cs[h], max_iter=self.max_iter, tol=self.tol, device=self.device,
+                                       n_classes=self.n_classes)
+            model.classes_ = template.classes_
+            model.coef_, model.intercept_ = problem.split(theta[None])
+            model.coef_, model.intercept_ = model.coef_[0].clone(), model.intercept_[0].clone()
+            model.n_iter_, model.grad_norm_ = int(n_iter), float(gradient.norm())
+            model.relative_gradient_ = float(gradient.norm() / max(float(lam[h]) * float(model.coef_.norm()), 1e-30))
+            model.converged_ = model.relative_gradient_ <= self.tol
+            self.models_[h] = model
+            if scorer is not None:
+                self.scores_[h] = float(scorer(model))
+
+        self.n_passes_ = _lbfgs_stacked(problem, lam, theta, self.tol, self.max_iter, self.history, finish,
+                                        should_stop=self._turned if scorer is not None and self.patience else None)
+        return self
+
+    def _turned(self) -> int | None:
+        """The first head to drop once the curve over the finished smallest Cs has turned, else None."""
+        done = 0
+        while done < len(self.models_) and self.models_[done] is not None:
+            done += 1
+        self.stopped_ = (curve_turned(self.scores_[:done].tolist(), self.patience, self.Cs, self.n_scored)
+                         if done else None)
+        return done if self.stopped_ is not None else None
+
+
+class _Stacked:
+    """The summed objective of stacked heads (each its own lam) with its gradient, in row chunks.
+
+    theta is (heads, rows * D + rows): each head's W (rows x D, flattened) then its intercepts;
+    rows is 1 for two classes (sklearn's binomial model), else the class count.
+    """
+
+    def __init__(self, X, t, binary, n_classes):
+        self.X, self.t, self.binary = X, t, binary
+        self.rows, self.D = (1 if binary else n_classes), X.shape[1]
+        self.basis = None
+        if self.D <= PRECONDITION_MAX_DIM:  # the features' second moments, eigendecomposed once
+            moments = torch.zeros(self.D, self.D, device=X.device)
+            for start in range(0, len(X), 65536):
+                moments.addmm_(X[start:start + 65536].T, X[start:start + 65536])
+            values, basis = torch.linalg.eigh(moments.double() / len(X))
+            self.basis, self.values = basis.float(), values.clamp_min(0)
+        # softmax curvature at the start (p = 1/K: p(1 - p)); logistic: 1/4
+        self.curvature = 0.25 if binary else (1 / n_classes) * (1 - 1 / n_classes)
+
+    @property
+    def preconditioned(self) -> bool:
+        return self.basis is not None
+
+    def precondition(self, q, lam):
+        """q times the inverse of each head's approximate Hessian c * E[x x^T] + lam (per class row;
+        c the softmax curvature at p = 1/K), computed in the eigenbasis of E[x x^T]: exact for the
+        penalty, the data part's shape from the features, its scale left to L-BFGS's gamma."""
+        if self.basis is None:
+            return q
+        A, R, D = len(q), self.rows, self.D
+        W, b = q[:, :R * D].reshape(A * R, D), q[:, R * D:]
+        scale = 1.0 / (self.curvature * self.values[None] + lam[:, None])  # (A, D), float64
+        W = (W @ self.basis).view(A, R, D) * scale.float()[:, None, :]
+        W = W.reshape(A * R, D) @ self.basis.T
+        return torch.cat([W.reshape(A, R * D), b / self.curvature], 1)
+
+    @property
+    def size(self) -> int:
+        return self.rows * (self.D + 1)
+
+    def split(self, theta):
+        A = len(theta)
+        return theta[:, :self.rows * self.D].reshape(A, self.rows, self.D), theta[:, self.rows * self.D:]
+
+    def __call__(self, theta, lam):
+        """(objective (A,) float64, gradient (A, size)) at each head's theta."""
+        X, n, A, R = self.X, len(self.X), len(theta), self.rows
+        W, b = self.split(theta)
+        Wt, bias = W.reshape(A * R, self.D).T, b.reshape(A * R)
+        loss = torch.zeros(A, dtype=torch.float64, device=X.device)
+        gW, gb = torch.zeros(A * R, self.D, device=X.device), torch.zeros(A, R, device=X.device)
+        step = max(1, CHUNK_BYTES // (4 * A * R))
+        for start in range(0, n, step):
+            x, t = X[start:start + step], self.t[start:start + step]
+            z = torch.addmm(bias, x, Wt).view(len(x), A, R)
+            if self.binary:  # softplus(-s z), s = +-1; d/dz = -s sigmoid(-s z)
+                sign = torch.where(t == 1, -1.0, 1.0)[:, None, None]
+                margin = z * sign
+                loss += F.softplus(margin).sum((0, 2), dtype=torch.float64)
+                g = torch.sigmoid(margin) * sign
+            else:  # softplus(logsumexp_{j != y}(z_j - z_y)), the cancellation-free form of _per_sample
+                index = t[:, None, None].expand(len(x), A, 1)
+                others = (z - z.gather(2, index)).scatter_(2, index, float("-inf"))
+                lse = torch.logsumexp(others, 2, keepdim=True)
+                loss += F.softplus(lse).sum((0, 2), dtype=torch.float64)
+                g = others.sub_(F.softplus(lse)).exp_().scatter_(2, index, -torch.sigmoid(lse))  # p - onehot
+            g = g.view(len(x), A * R)
+            gW.addmm_(g.T, x, alpha=1.0 / n)
+            gb += g.sum(0).view(A, R) / n
+        penalty = W.double().square().sum((1, 2))
+        gradient = torch.cat([(gW.view(A, R, self.D) + lam.float()[:, None, None] * W).reshape(A, -1), gb], 1)
+        return loss / n + 0.5 * lam * penalty, gradient
+
+
+def _lbfgs_stacked(problem, lam, theta, tol, max_iter, history, finish, should_stop=None) -> int:
+    """Per-head L-BFGS with backtracking (Armijo) line searches, all heads evaluated together.
+
+    The objective is strongly convex, so s.y > 0 holds for every step and no Wolfe curvature
+    search is needed; a head whose line search cannot decrease the objective any more (float32's
+    resolution) is done. The initial inverse Hessian of each head is ``problem.precondition`` (see
+    :class:`_Stacked`), scaled per head as L-BFGS scales the identity (s.y / y.H0.y); on real features
+    (correlated dimensions) this cuts the iterations several-fold. ``finish(h, theta, gradient, n_iter)``
+    is called as each head stops;
+    ``should_stop()`` may then name the first head index to drop (all larger ones with it).
+    Returns the number of stacked evaluations.
+    """
+    H, device = len(lam), lam.device
+    active = torch.arange(H, device=device)
+    f, g = problem(theta, lam)
+    passes, n_iter = 1, torch.zeros(H, dtype=torch.long, device=device)
+    S = torch.zeros(H, history, problem.size, device=device)
+    Y = torch.zeros_like(S)
+    rho = torch.zeros(H, history, dtype=torch.float64, device=device)
+    gamma = torch.ones(H, device=device)
+    first = True
+
+    def relative(theta, g, lam_a):
+        W, _ = problem.split(theta)
+        return g.double().norm(dim=1) / (lam_a * W.double().flatten(1).norm(dim=1)).clamp_min(1e-30)
+
+    k = 0
+    while len(active):
+        lam_a = lam[active]
+        done = relative(theta, g, lam_a) <= tol
+        done |= n_iter[active] >= max_iter
+        # the two-loop recursion over each head's own history (slots in ring order, newest first)
+        order = [(k - 1 - i) % history for i in range(min(k, history))]
+        q, alphas = -g.clone(), {}
+        for i in order:
+            alphas[i] = rho[:, i] * (S[:, i].double() * q.double()).sum(1)
+            q -= alphas[i].float()[:, None] * Y[:, i]
+        q = problem.precondition(q, lam_a) * gamma[:, None]
+        for i in reversed(order):
+            beta = rho[:, i] * (Y[:, i].double() * q.double()).sum(1)
+            q += (alphas[i] - beta).float()[:, None] * S[:, i]
+        d = q
+        slope = (g.double() * d.double()).sum(1)
+        uphill = slope >= 0
+        if uphill.any():  # lost descent (rounding): restart that head from the steepest descent
+            d[uphill], slope[uphill] = -g[uphill], -(g[uphill].double().square().sum(1))
+        step = torch.ones(len(active), dtype=torch.float64, device=device)
+        if first and not problem.preconditioned:
+            step = torch.clamp(1.0 / g.abs().sum(1).double(), max=1.0)
+        first = False
+        # a head whose predicted decrease is below float32's resolution of the objective is done: its
+        # line search would only chase rounding (the sequential solver polishes those in float64)
+        resolved = -step * slope <= NOISE * f.abs()
+        # Armijo backtracking: heads that fail retry at a smaller step, evaluated together
+        f_new, g_new = f.clone(), g.clone()
+        pending = ~done & ~resolved
+        accepted = torch.zeros(len(active), dtype=torch.bool, device=device)
+        for _ in range(12):
+            if not pending.any():
+                break
+            rows = pending.nonzero()[:, 0]
+            trial = theta[rows] + step[rows].float()[:, None] * d[rows]
+            f_try, g_try = problem(trial, lam_a[rows])
+            passes += 1
+            ok = f_try <= f[rows] + 1e-4 * step[rows] * slope[rows]
+            good = rows[ok]
+            f_new[good], g_new[good] = f_try[ok], g_try[ok]
+            accepted[good] = True
+            pending[good] = False
+            step[rows[~ok]] *= 0.5
+        stalled = ~done & ~accepted  # resolved, or no decrease found within 2^-12 of the step
+        new_theta = theta.clone()
+        moved = accepted.nonzero()[:, 0]
+        if len(moved):
+            s = step[moved].float()[:, None] * d[moved]
+            yv = g_new[moved] - g[moved]
+            sy = (s.double() * yv.double()).sum(1)
+            slot = k % history
+            valid = sy > 1e-10 * s.double().norm(dim=1) * yv.double().norm(dim=1)
+            S[moved, slot], Y[moved, slot] = s, yv
+            rho[moved, slot] = torch.where(valid, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+            yHy = (yv.double() * problem.precondition(yv, lam_a[moved]).double()).sum(1)
+            gamma[moved[valid]] = (sy[valid] / yHy[valid].clamp_min(1e-300)).float()
+            new_theta[moved] = theta[moved] + s
+            n_iter[active[moved]] += 1
+        theta, f, g = new_theta, f_new, g_new
+        k += 1
+        stop = done | stalled
+        if stop.any():
+            for j in stop.nonzero()[:, 0].tolist():
+                finish(int(active[j]), theta[j], g[j], int(n_iter[active[j]]))
+            keep = ~stop
+            if should_stop is not None:
+                first_dropped = should_stop()
+                if first_dropped is not None:
+                    keep &= active < first_dropped
+            active, theta, f, g = active[keep], theta[keep], f[keep], g[keep]
+            S, Y, rho, gamma = S[keep], Y[keep], rho[keep], gamma[keep]  # each head's state stays compact
+    return passes

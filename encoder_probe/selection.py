@@ -47,6 +47,24 @@ def best_index(scores: Sequence[float]) -> int:
     return int(np.nanargmax(values))
 
 
+def curve_turned(scores: Sequence, patience: int, candidates: Sequence, n_scored: int | None = None) -> str | None:
+    """Why a sweep over candidates in order may stop now (None: go on): the last ``patience`` scores
+    all fell clearly below the best one. Scores are proportions over ``n_scored`` held-out items (top-1):
+    "clearly" is by more than the best one's standard error (at least one item), so that a dip of a
+    few items on a small held-out set does not end the sweep; a plateau never does. CLIP_benchmark's
+    search narrows on the same premise (one peak)."""
+    best = best_index(scores)
+    if not patience or len(scores) - 1 - best < patience or len(scores) == len(candidates):
+        return None
+    top = float(scores[best])
+    margin = max(np.sqrt(top * (1 - top) / n_scored), 1 / n_scored) if n_scored else 0.0
+    tail = np.asarray(scores[len(scores) - patience:], dtype=float)
+    if not (tail < top - margin).all():
+        return None
+    return (f"stopped after {candidates[len(scores) - 1]:g}: the {patience} larger values fell below "
+            f"{candidates[best]:g}'s by more than {margin:.3g}")
+
+
 @dataclass
 class Selection:
     """The sweep on held-out train (one dict of scores per candidate), the chosen candidate index

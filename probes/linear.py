@@ -1,8 +1,16 @@
 """`imagenet` (alias `linear`): multinomial logistic regression on frozen pooled features.
 
 Protocol (leak-free, :func:`encoder_probe.selection.select_and_refit`): the regularisation C is
-chosen on a seeded, stratified ``holdout`` fraction of the *train* split (fit on the rest, warm-started
-along the C path); the winner is refit on the whole train split and scored once on val. Features
+chosen on a seeded, stratified ``holdout`` fraction of the *train* split (fit on the rest); the winner
+is refit on the whole train split, tightly (``tol``) from the sweep's solution, and scored once on val.
+The sweep only ranks C values, so it is cheap: every C of the grid is solved together
+(:class:`encoder_probe.logreg.LogisticRegressionGrid`, one pass over the features per step for all
+heads; with many classes, where a pass is compute-bound, one C after the other, warm-started) to a
+loose ``sweep_tol``, and it stops once the held-out curve has clearly turned: ``patience`` larger C
+values all below the best by more than its standard error (``sweep="sequential", sweep_tol=1e-5,
+patience=0`` is the tight one-C-at-a-time reference).
+The features are moved to the fitting device once; where they do not fit, mini-batch Adam reads
+them from host memory. Features
 are standardised (or L2-normalised) with statistics of the rows being fit, never of held-out or
 val rows. ``solver="sklearn"`` runs the CLIP recipe (sklearn LogisticRegression, lbfgs,
 max_iter 1000) on the same grid, for parity checks; a C is sklearn's C for every class count (two
@@ -27,12 +35,21 @@ import numpy as np
 
 from encoder_probe.features import POOLS
 from encoder_probe.items import Items, stack_seeds
-from encoder_probe.logreg import LogisticRegression, fit_path, fits_in_memory, linear_head
+import torch
+
+from encoder_probe.logreg import LogisticRegression, LogisticRegressionGrid, fits_in_memory, linear_head
 from encoder_probe.normalize import NORMALIZE, Normalizer
 from encoder_probe.probe import Needs, Probe, ProbeResult, last_layers, over_seeds, protocol, runtime, topk_defined
-from encoder_probe.selection import select_and_refit
+from encoder_probe.selection import curve_turned, select_and_refit
 
 SOLVERS = ("torch", "sklearn")
+SWEEPS = ("auto", "stacked", "sequential")
+# Up to this many logit columns (C values x classes) a pass over the features is bound by reading them, so
+# stacking the grid's heads costs about one head's pass; past it the GEMM is compute-bound, stacking saves
+# nothing and warm starts along the C path (sequential) save iterations. (2 CPU cores: 13 heads x 10
+# classes cost 3.5x one head; 1000 classes, 13 heads, 14x.)
+STACK_COLUMNS = 1024
+MINIBATCH = 4096  # rows per Adam step when the features do not fit on the device
 # each metric and how the bootstrap recomputes it from the per-item columns (encoder_probe.bootstrap)
 METRICS = {"top1": {"name": "mean", "column": "top1"}, "top5": {"name": "mean", "column": "top5"},
               "mean_per_class_recall": {"name": "class_recall", "pred": "pred", "label": "label"}}
@@ -48,7 +65,13 @@ class LinearConfig:
     solver: str = protocol("torch", choices=SOLVERS, help="sklearn: the CLIP recipe, for parity checks")
     per_class: int | None = protocol(None, min=1, help="K train/val images per class (default: all)")
     max_iter: int = protocol(1000, min=1)
-    sweep_tol: float = protocol(1e-2, gt=0, help="the sweep only ranks C: relative gradient of each fit")
+    sweep: str = protocol("auto", choices=SWEEPS,
+                          help="stacked: every C solved together, one pass over the features per step for all; "
+                               "sequential: one C after the other, warm-started; auto: stacked up to "
+                               f"{STACK_COLUMNS} logit columns (C values x classes)")
+    patience: int = protocol(3, min=0, help="stop the sweep once this many larger C all fell clearly below the "
+                                            "best (0: the whole grid)")
+    sweep_tol: float = protocol(1e-3, gt=0, help="the sweep only ranks C: relative gradient of each fit")
     tol: float = protocol(1e-3, gt=0, help="of the final refit: W within ~tol of the optimum")
     seeds: int = runtime(1, min=1, help="reruns of the held-out split and (per_class) the train subsample")
     batch_size: int = runtime(64, min=1, help="extraction batch")
@@ -76,33 +99,68 @@ def fits_on_device(x: np.ndarray, device) -> bool:
     return fits_in_memory(3 * x.nbytes, device)
 
 
-def _fit(x, y, Cs, config, n_classes, device=None, init=None):
-    """Models for each C (ascending): torch path with warm starts, or sklearn's CLIP recipe."""
-    if config.solver == "sklearn":
-        import warnings
+def _on_device(x: np.ndarray, device) -> torch.Tensor:
+    """The features as one float32 tensor where the heads fit: moved once, read by every C."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device or "cpu")
 
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression as SkLogisticRegression
-        with warnings.catch_warnings():  # recorded per fit instead (converged: false)
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return [_SkModel(SkLogisticRegression(C=C, max_iter=config.max_iter).fit(x, y), n_classes)
-                    for C in sorted(Cs)]
-    batch = None if fits_on_device(x, device) else 4096  # else mini-batch Adam
-    if init is not None:
-        return [LogisticRegression(C=Cs[0], max_iter=config.max_iter, tol=config.tol, device=device,
-                                   n_classes=n_classes, batch_size=batch).fit(x, y, init=init)]
-    return fit_path(x, y, Cs, max_iter=config.max_iter, tol=config.sweep_tol, device=device,
-                    n_classes=n_classes, batch_size=batch)
+
+def _sklearn_path(x, y, Cs, config, n_classes) -> list:
+    """The CLIP recipe: sklearn LogisticRegression (lbfgs) per C, each from scratch."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+    with warnings.catch_warnings():  # recorded per fit instead (converged: false)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return [_SkModel(SkLogisticRegression(C=C, max_iter=config.max_iter).fit(x, y), n_classes) for C in Cs]
+
+
+def sweep_path(x, y, x_held, y_held, Cs, config, n_classes, device=None) -> tuple[list, list, str | None]:
+    """Fit every C of the (ascending) grid on ``x`` and score each on the held-out rows: (models, held-out
+    top-1 per C, why the sweep stopped early or None). A C the sweep stopped before has model and score None.
+
+    torch: the stacked grid solver (every C at once) when the features fit on the device and the sweep
+    asks for it (``auto``: few enough classes), else one C after the other, warm-started (mini-batch Adam
+    where the features do not fit); both stop once the held-out curve has turned
+    (:func:`~encoder_probe.selection.curve_turned`). sklearn: every C, as the CLIP recipe does.
+    """
+    if config.solver == "sklearn":
+        models = _sklearn_path(x, y, Cs, config, n_classes)
+        return models, [m.score(x_held, y_held) for m in models], None
+    full_batch = fits_on_device(x, device)
+    X = _on_device(x, device) if full_batch else x
+    held = _on_device(x_held, device)
+    score = lambda model: model.score(held, y_held)  # noqa: E731
+    columns = len(Cs) * (1 if len(np.unique(y)) == 2 else n_classes)
+    if full_batch and (config.sweep == "stacked" or (config.sweep == "auto" and columns <= STACK_COLUMNS)):
+        grid = LogisticRegressionGrid(Cs, tol=config.sweep_tol, max_iter=config.max_iter, patience=config.patience,
+                                      n_scored=len(y_held), device=device, n_classes=n_classes).fit(X, y, scorer=score)
+        return grid.models_, [None if np.isnan(v) else float(v) for v in grid.scores_], grid.stopped_
+    models, scores, stopped = [], [], None
+    for C in Cs:
+        if stopped is None:
+            models.append(LogisticRegression(C=C, max_iter=config.max_iter, tol=config.sweep_tol, device=device,
+                                             n_classes=n_classes, batch_size=None if full_batch else MINIBATCH)
+                          .fit(X, y, init=models[-1] if models else None))
+            scores.append(score(models[-1]))
+            stopped = curve_turned(scores, config.patience, Cs, len(y_held))
+        else:
+            models.append(None)
+            scores.append(None)
+    return models, scores, stopped
 
 
 class _SkModel:
-    """sklearn's fitted model with the torch estimator's ``head`` and ``convergence``."""
+    """sklearn's fitted model with the torch estimator's ``head``, ``score`` and ``convergence``."""
 
     def __init__(self, model, n_classes):
         self.model, self.n_classes = model, n_classes
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         return linear_head(self.model.classes_, self.model.coef_, self.model.intercept_, self.n_classes)
+
+    def score(self, x, y) -> float:
+        return float(self.model.score(x, y))
 
     def convergence(self) -> dict:
         n_iter = int(np.max(self.model.n_iter_))
@@ -121,19 +179,31 @@ def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, c
     the sweep, convergence, the seed's metrics, each val row's outcome and the refit head."""
     device = device if device is not None else config.device
     Cs = sorted(config.Cs)
-    path = []
+    path, stopped = [], []
 
     def sweep(fit_rows, held_rows):
         norm = Normalizer(config.normalize, x[fit_rows])
-        path[:] = _fit(norm(x[fit_rows]), y[fit_rows], Cs, config, n_classes, device)
-        held = norm(x[held_rows])
-        return [{"C": C, "heldout_top1": float((true_class_rank(_scores(m, held), y[held_rows]) == 0).mean())}
-                for C, m in zip(Cs, path)]
+        models, scores, why = sweep_path(norm(x[fit_rows]), y[fit_rows], norm(x[held_rows]), y[held_rows], Cs,
+                                         config, n_classes, device)
+        path[:], stopped[:] = models, [why]
+        return [{"C": C, "heldout_top1": s} for C, s in zip(Cs, scores)]
 
     def refit(chosen):  # ties in the sweep keep the stronger regularisation (the smaller C)
         norm = Normalizer(config.normalize, x)
-        init = path[chosen["heldout_top1"]] if config.solver == "torch" else None
-        return norm, _fit(norm(x), y, [Cs[chosen["heldout_top1"]]], config, n_classes, device, init=init)[0]
+        C = Cs[chosen["heldout_top1"]]
+        if config.solver == "sklearn":
+            return norm, _sklearn_path(norm(x), y, [C], config, n_classes)[0]
+        full_batch = fits_on_device(x, device)
+        X = _on_device(norm(x), device) if full_batch else norm(x)
+        start = path[chosen["heldout_top1"]]
+        if full_batch:  # preconditioned first (fast to float32's resolution), then L-BFGS to tol if need be
+            start = LogisticRegressionGrid([C], tol=config.tol, max_iter=config.max_iter, device=device,
+                                           n_classes=n_classes).fit(X, y, init=start).models_[0]
+            if start.converged_:
+                return norm, start
+        model = LogisticRegression(C=C, max_iter=config.max_iter, tol=config.tol, device=device, n_classes=n_classes,
+                                   batch_size=None if full_batch else MINIBATCH)
+        return norm, model.fit(X, y, init=start)
 
     selection = select_and_refit(y, fraction=config.holdout, seed=seed, sweep=sweep, keys=["heldout_top1"],
                                  refit=refit)
@@ -147,7 +217,9 @@ def run_protocol(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, c
     metrics = {name: float(items[name].mean()) for name in ("top1", "top5") if name in items}
     return {"C": Cs[selection.chosen["heldout_top1"]], "sweep": selection.curve, **metrics,
             "mean_per_class_recall": mean_per_class_recall(pred, yv), "items": items,
-            "convergence": {"sweep": [m.convergence() for m in path], "refit": model.convergence()},
+            "convergence": {"sweep": [m.convergence() if m is not None else {"C": C, "skipped": stopped[0]}
+                                      for C, m in zip(Cs, path)],
+                            "refit": model.convergence(), "stopped": stopped[0]},
             "head": {"weight": weight, "bias": bias, **norm.statistics}}
 
 

@@ -90,7 +90,7 @@ def test_val_and_heldout_rows_never_enter_the_sweep(monkeypatch):
     x, y = gaussian_classes(600, k=5)
     xv, yv = gaussian_classes(200, k=5, seed=9)
     events = []
-    real_fit = linear._fit
+    real_sweep = linear.sweep_path
 
     class SpyNormalizer(Normalizer):
         def __init__(self, how, rows):
@@ -101,24 +101,39 @@ def test_val_and_heldout_rows_never_enter_the_sweep(monkeypatch):
             events.append(("apply", rows.copy()))
             return super().__call__(rows)
 
-    def spy_fit(rows, labels, Cs, *args, **kwargs):
-        events.append(("fit", len(Cs)))
-        return real_fit(rows, labels, Cs, *args, **kwargs)
+    class SpyRegression(LogisticRegression):
+        def fit(self, X, y, **kwargs):
+            events.append(("refit", len(X)))
+            return super().fit(X, y, **kwargs)
+
+    class SpyGrid(linear.LogisticRegressionGrid):
+        def fit(self, X, y, **kwargs):
+            if len(self.Cs) == 1:  # the refit's first, preconditioned stage
+                events.append(("refit", len(X)))
+            return super().fit(X, y, **kwargs)
+
+    def spy_sweep(rows, labels, held, held_labels, Cs, *args, **kwargs):
+        events.append(("sweep", len(rows), len(held)))
+        return real_sweep(rows, labels, held, held_labels, Cs, *args, **kwargs)
 
     monkeypatch.setattr(linear, "Normalizer", SpyNormalizer)
-    monkeypatch.setattr(linear, "_fit", spy_fit)
+    monkeypatch.setattr(linear, "sweep_path", spy_sweep)
+    monkeypatch.setattr(linear, "LogisticRegression", SpyRegression)
+    monkeypatch.setattr(linear, "LogisticRegressionGrid", SpyGrid)
     config = LinearConfig(Cs=[0.01, 0.1, 1.0])
     result = run_protocol(x, y, xv, yv, config, seed=3, n_classes=5)
+    events = [e for i, e in enumerate(events) if not (e[0] == "refit" and events[i - 1][0] == "refit")]
 
     fit_rows, held_rows = held_out(y, 0.1, 3)  # the shared stratified splitter, same seed
     as_set = lambda a: {r.tobytes() for r in a}
     val, held, fit = as_set(xv), as_set(x[held_rows]), as_set(x[fit_rows])
     # sweep: stats + fit on the fit rows, held-out rows only scored; refit on all train; val scored once, last
-    assert [e[0] for e in events] == ["stats", "apply", "fit", "apply", "stats", "apply", "fit", "apply"]
-    assert as_set(events[0][1]) == fit and as_set(events[1][1]) == fit and as_set(events[3][1]) == held
+    assert [e[0] for e in events] == ["stats", "apply", "apply", "sweep", "stats", "apply", "refit", "apply"]
+    assert as_set(events[0][1]) == fit and as_set(events[1][1]) == fit and as_set(events[2][1]) == held
+    assert events[3][1:] == (len(fit_rows), len(held_rows)) and events[6][1] == len(x)
     assert as_set(events[4][1]) == as_set(events[5][1]) == fit | held  # the refit: the whole train split
     assert as_set(events[7][1]) == val
-    assert not any(as_set(e[1]) & val for e in events[:7] if e[0] != "fit")
+    assert not any(as_set(e[1]) & val for e in events[:7] if e[0] in ("stats", "apply"))
     assert len(result["sweep"]) == 3 and result["C"] in config.Cs
 
 

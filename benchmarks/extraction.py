@@ -272,6 +272,8 @@ def main():
     parser.add_argument("--peer-n", type=int, default=500, help="JPEGs of the peer and small-model figures")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="128 / 512 images, one round: a smoke run")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="only the thingsvision, raw-forward and page-fault figures (skip the 1k/10k runs)")
     parser.add_argument("--job", choices=list(JOBS), help=argparse.SUPPRESS)  # one timed job (fresh process)
     parser.add_argument("--job-root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,6 +283,9 @@ def main():
         args.n, args.n_large, args.peer_n, args.rounds = 128, 512, 128, 1
     work = Path(args.work)
     workers = args.workers  # None: extract's own plan (workers balanced against torch threads on CPU)
+    if args.peers_only:
+        _print_table(peer_rows(args, work))
+        return
     small = make_dataset(work / f"data-{args.n}", args.n)
     large = make_dataset(work / f"data-{args.n_large}", args.n_large)
     runs = work / "runs"
@@ -306,7 +311,10 @@ def main():
     ]
     print(f"model {args.model}, batch {args.batch}, {args.dtype}, DataLoader workers {workers or 'planned'}, "
           f"{os.cpu_count()} cores")
-    rows += peer_rows(args, work)
+    _print_table(rows + peer_rows(args, work))
+
+
+def _print_table(rows):
     print("| figure | ours | peer | ratio | target |\n| --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")

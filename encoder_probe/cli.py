@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class draw")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--chunk-size", type=int, help="images per resumable chunk (default 1024, 256 with --tokens)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: balanced against torch "
+                   "threads on CPU, min(8, cores) on GPU)")
     _extract_flags(p)
     p.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
                    help="an unreadable image fails the run (default) or is skipped and counted")

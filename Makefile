@@ -49,8 +49,10 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # benchmark-only peers (CLIP_benchmark, thingsvision): --no-deps, they pin ancient stacks (benchmarks/requirements.txt)
+# thingsvision 2.7.3 also installs its own test suite as a top-level `tests` package, which would shadow ours
 bench-install: install
 	$(PY) -m pip install -q --no-deps -r benchmarks/requirements.txt
+	rm -rf $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tests
 
 demo: install
 	$(VENV)/bin/probe list

@@ -577,10 +577,10 @@ def _extract_flags(p) -> None:
     """--autocast / --decode of `probe extract` and `probe run` (the GPU-side extraction options)."""
     from .runtime import AUTOCASTS, DECODES
     p.add_argument("--autocast", choices=list(AUTOCASTS), help="forward under torch.autocast in this dtype "
-                   "(features stored float32; part of the cache key)")
+                   "(features stored float32; part of the cache key; default: none, the encoder's dtype)")
     p.add_argument("--decode", choices=list(DECODES), help="where JPEGs are decoded: cpu (PIL in the loader), "
                    "device (torchvision decode_jpeg + preprocessing on the encoder's device), auto (device on "
-                   "CUDA; default)")
+                   "CUDA) (default: auto)")
 
 
 def main(argv=None) -> int:

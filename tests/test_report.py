@@ -16,7 +16,7 @@ from encoder_probe.cli import main
 from encoder_probe.errors import DataError
 from encoder_probe.report import check, compare, load_results
 from encoder_probe.report.compare import noise
-from tests.conftest import write_imagefolder
+from conftest import write_imagefolder
 
 
 def metric(value, ci=None, higher=True, values=None):

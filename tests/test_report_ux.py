@@ -18,8 +18,8 @@ from encoder_probe import load_encoder
 from encoder_probe.cli import main
 from encoder_probe.errors import CheckpointError, DataError
 from encoder_probe.report import check, compare
-from tests.conftest import write_ade20k, write_imagefolder
-from tests.test_report import metric, probe, record, write
+from conftest import write_ade20k, write_imagefolder
+from test_report import metric, probe, record, write
 
 KNN = {"ks": [10], "temperature": 0.07}
 

@@ -49,6 +49,9 @@ SWEEPS = ("auto", "stacked", "sequential")
 # nothing and warm starts along the C path (sequential) save iterations. (2 CPU cores: 13 heads x 10
 # classes cost 3.5x one head; 1000 classes, 13 heads, 14x.)
 STACK_COLUMNS = 1024
+# Below this many feature values a pass costs less than the stacked solver's per-step bookkeeping, and the
+# warm starts of the sequential path win (few-shot and demo-sized sets).
+STACK_MIN_VALUES = 1 << 22
 MINIBATCH = 4096  # rows per Adam step when the features do not fit on the device
 # each metric and how the bootstrap recomputes it from the per-item columns (encoder_probe.bootstrap)
 METRICS = {"top1": {"name": "mean", "column": "top1"}, "top5": {"name": "mean", "column": "top5"},
@@ -68,7 +71,7 @@ class LinearConfig:
     sweep: str = protocol("auto", choices=SWEEPS,
                           help="stacked: every C solved together, one pass over the features per step for all; "
                                "sequential: one C after the other, warm-started; auto: stacked up to "
-                               f"{STACK_COLUMNS} logit columns (C values x classes)")
+                               f"{STACK_COLUMNS} logit columns (C values x classes) on 4M feature values or more")
     patience: int = protocol(3, min=0, help="stop the sweep once this many larger C all fell clearly below the "
                                             "best (0: the whole grid)")
     sweep_tol: float = protocol(1e-3, gt=0, help="the sweep only ranks C: relative gradient of each fit")
@@ -132,7 +135,8 @@ def sweep_path(x, y, x_held, y_held, Cs, config, n_classes, device=None) -> tupl
     held = _on_device(x_held, device)
     score = lambda model: model.score(held, y_held)  # noqa: E731
     columns = len(Cs) * (1 if len(np.unique(y)) == 2 else n_classes)
-    if full_batch and (config.sweep == "stacked" or (config.sweep == "auto" and columns <= STACK_COLUMNS)):
+    stack = columns <= STACK_COLUMNS and x.size >= STACK_MIN_VALUES
+    if full_batch and (config.sweep == "stacked" or (config.sweep == "auto" and stack)):
         grid = LogisticRegressionGrid(Cs, tol=config.sweep_tol, max_iter=config.max_iter, patience=config.patience,
                                       n_scored=len(y_held), device=device, n_classes=n_classes).fit(X, y, scorer=score)
         return grid.models_, [None if np.isnan(v) else float(v) for v in grid.scores_], grid.stopped_

@@ -131,7 +131,7 @@ def test_device_arguments_and_the_minibatch_path_run_on_cpu(device, monkeypatch)
 def assert_same_choice(x, y, xv, yv, k, shape, tight=TIGHT, **grid):
     """The fast sweep (stacked, loose tolerance, early stop) picks the tight sweep's C, top-1 within 0.3 pt,
     on a held-out curve of the named shape near its peak."""
-    fast = run_protocol(x, y, xv, yv, LinearConfig(**grid), 0, k)
+    fast = run_protocol(x, y, xv, yv, LinearConfig(sweep="stacked", **grid), 0, k)
     tight = run_protocol(x, y, xv, yv, dataclasses.replace(tight, **grid), 0, k)
     curve = np.array([s["heldout_top1"] for s in tight["sweep"]])
     best = int(np.argmax(curve))

@@ -120,7 +120,7 @@ def test_val_and_heldout_rows_never_enter_the_sweep(monkeypatch):
     monkeypatch.setattr(linear, "sweep_path", spy_sweep)
     monkeypatch.setattr(linear, "LogisticRegression", SpyRegression)
     monkeypatch.setattr(linear, "LogisticRegressionGrid", SpyGrid)
-    config = LinearConfig(Cs=[0.01, 0.1, 1.0])
+    config = LinearConfig(Cs=[0.01, 0.1, 1.0], sweep="stacked")
     result = run_protocol(x, y, xv, yv, config, seed=3, n_classes=5)
     events = [e for i, e in enumerate(events) if not (e[0] == "refit" and events[i - 1][0] == "refit")]
 

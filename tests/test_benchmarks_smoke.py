@@ -58,7 +58,7 @@ def test_gpu_check_names_missing_extract_arguments(monkeypatch):
 
 def test_linear_probe_rounds_rotate_and_take_medians():
     data = {"toy": toy_case(n=30)}
-    calls, seconds = [], iter([3.0, 1.0, 2.0])
+    calls = []
 
     def fake(name):
         return lambda *a: calls.append(name) or {"top1": 0.5, "chosen": "C=1"}

@@ -49,7 +49,8 @@ def _python(code, *args, **env):
 def test_mallopt_applied_stops_refaulting_freed_buffers():
     seen = json.loads(_python(FAULTS))
     assert seen["applied"] and seen["again"]
-    assert seen["before"] > 50_000 and seen["after"] < seen["before"] / 10, seen  # 6 x 24 MiB x 5 = 180k pages (measured 0-12k after)
+    # 6 x 24 MiB x 5 = 180k pages; glibc's own sliding threshold keeps some: measured 43k-368k before, 0-12k after
+    assert seen["before"] > 20_000 and seen["after"] < seen["before"] / 10, seen
 
 
 def test_left_alone_when_the_user_tuned_malloc_or_opted_out():

@@ -37,7 +37,8 @@ from encoder_probe.features import POOLS
 from encoder_probe.items import Items, stack_seeds
 import torch
 
-from encoder_probe.logreg import LogisticRegression, LogisticRegressionGrid, fits_in_memory, linear_head
+from encoder_probe.logreg import (RANK_TOL, LogisticRegression, LogisticRegressionGrid, fits_in_memory, linear_head,
+                                  rank_margin)
 from encoder_probe.normalize import NORMALIZE, Normalizer
 from encoder_probe.probe import Needs, Probe, ProbeResult, last_layers, over_seeds, protocol, runtime, topk_defined
 from encoder_probe.selection import curve_turned, select_and_refit
@@ -74,7 +75,10 @@ class LinearConfig:
                                f"{STACK_COLUMNS} logit columns (C values x classes) on 4M feature values or more")
     patience: int = protocol(3, min=0, help="stop the sweep once this many larger C all fell clearly below the "
                                             "best (0: the whole grid)")
-    sweep_tol: float = protocol(1e-3, gt=0, help="the sweep only ranks C: relative gradient of each fit")
+    sweep_tol: float = protocol(1e-3, gt=0, help="the sweep only ranks C: relative gradient of each fit that "
+                                                 "could win")
+    rank_tol: float = protocol(RANK_TOL, gt=0, help="a sweep fit this close to its optimum whose held-out top-1 is "
+                                                   "clearly below the best stops there (it cannot win)")
     tol: float = protocol(1e-3, gt=0, help="of the final refit: W within ~tol of the optimum")
     seeds: int = runtime(1, min=1, help="reruns of the held-out split and (per_class) the train subsample")
     batch_size: int = runtime(64, min=1, help="extraction batch")
@@ -138,19 +142,28 @@ def sweep_path(x, y, x_held, y_held, Cs, config, n_classes, device=None) -> tupl
     stack = columns <= STACK_COLUMNS and x.size >= STACK_MIN_VALUES
     if full_batch and (config.sweep == "stacked" or (config.sweep == "auto" and stack)):
         grid = LogisticRegressionGrid(Cs, tol=config.sweep_tol, max_iter=config.max_iter, patience=config.patience,
-                                      n_scored=len(y_held), device=device, n_classes=n_classes).fit(X, y, scorer=score)
+                                      n_scored=len(y_held), device=device, n_classes=n_classes,
+                                      rank_tol=config.rank_tol).fit(X, y, scorer=score)
         return grid.models_, [None if np.isnan(v) else float(v) for v in grid.scores_], grid.stopped_
     models, scores, stopped = [], [], None
+    racing = full_batch and config.rank_tol > config.sweep_tol  # mini-batch Adam runs its epochs, no tolerance
+    fit = lambda C, tol, init: LogisticRegression(  # noqa: E731
+        C=C, max_iter=config.max_iter, tol=tol, device=device, n_classes=n_classes,
+        batch_size=None if full_batch else MINIBATCH).fit(X, y, init=init)
     for C in Cs:
-        if stopped is None:
-            models.append(LogisticRegression(C=C, max_iter=config.max_iter, tol=config.sweep_tol, device=device,
-                                             n_classes=n_classes, batch_size=None if full_batch else MINIBATCH)
-                          .fit(X, y, init=models[-1] if models else None))
-            scores.append(score(models[-1]))
-            stopped = curve_turned(scores, config.patience, Cs, len(y_held))
-        else:
+        if stopped is not None:
             models.append(None)
             scores.append(None)
+            continue
+        if racing:  # to rank_tol first; a contender (not clearly below the best so far) goes on to sweep_tol
+            model = fit(C, config.rank_tol, models[-1] if models else None)
+            if not scores or score(model) >= max(scores) - rank_margin(len(y_held), model.relative_gradient_):
+                model = fit(C, config.sweep_tol, model)
+        else:
+            model = fit(C, config.sweep_tol, models[-1] if models else None)
+        models.append(model)
+        scores.append(score(model))
+        stopped = curve_turned(scores, config.patience, Cs, len(y_held))
     return models, scores, stopped
 
 

@@ -6,7 +6,7 @@ choose the regularisation on a held-out part of train, fit on all of train, scor
 - ``ours``: ``probes.linear.run_protocol(x, y, xv, yv, LinearConfig(), seed=0)`` (the default solver:
   13-point C grid logspace(-3, 3) on a seeded 10% of train, refit, standardised features).
 - ``ours-seq-tight``: the same protocol with the tight sequential sweep
-  ``LinearConfig(sweep="sequential", sweep_tol=1e-5, rank_tol=1e-5, patience=0)`` (the reference the fast sweep must
+  ``LinearConfig(sweep="sequential", sweep_tol=1e-5, patience=0)`` (the reference the fast sweep must
   match: same chosen C, top-1 within 0.3 pt).
 - ``sklearn``: ``LinearConfig(solver="sklearn")``: the CLIP recipe (LogisticRegression, lbfgs,
   max_iter 1000, each C from scratch) through the same protocol, grid and holdout.
@@ -96,9 +96,9 @@ def load_case(case: str, *, scale: float = 1.0, work: str | Path = DEFAULT_WORK,
 # ---------------------------------------------------------------- encoder-probe (ours) and sklearn
 
 def tight_sequential_config(**overrides):
-    """The tight sequential reference: one C after the other, every C, each to 1e-5, none left at a rank tolerance."""
+    """The tight sequential reference: one C after the other, every C, each to 1e-5."""
     from probes.linear import LinearConfig
-    return LinearConfig(sweep="sequential", sweep_tol=1e-5, rank_tol=1e-5, patience=0, **overrides)
+    return LinearConfig(sweep="sequential", sweep_tol=1e-5, patience=0, **overrides)
 
 
 def run_ours(x, y, xv, yv, k, *, config=None, seed=0, device=None) -> dict:

@@ -7,8 +7,11 @@ The sweep only ranks C values, so it is cheap: every C of the grid is solved tog
 (:class:`encoder_probe.logreg.LogisticRegressionGrid`, one pass over the features per step for all
 heads; with many classes, where a pass is compute-bound, one C after the other, warm-started) to a
 loose ``sweep_tol``, and it stops once the held-out curve has clearly turned: ``patience`` larger C
-values all below the best by more than its standard error (``sweep="sequential", sweep_tol=1e-5,
-patience=0`` is the tight one-C-at-a-time reference).
+values all below the best by more than its standard error. In the stacked sweep a fit already clearly
+below the best at ``rank_tol`` cannot win and stops there (:func:`encoder_probe.logreg.rank_margin`);
+the contenders go on to ``sweep_tol``. The sequential sweep fits every C to ``sweep_tol``: each
+solution is the next C's warm start, and a loose one there cost more than it saved (``sweep="sequential",
+sweep_tol=1e-5, patience=0`` is the tight one-C-at-a-time reference).
 The features are moved to the fitting device once; where they do not fit, mini-batch Adam reads
 them from host memory. Features
 are standardised (or L2-normalised) with statistics of the rows being fit, never of held-out or
@@ -37,8 +40,7 @@ from encoder_probe.features import POOLS
 from encoder_probe.items import Items, stack_seeds
 import torch
 
-from encoder_probe.logreg import (RANK_TOL, LogisticRegression, LogisticRegressionGrid, fits_in_memory, linear_head,
-                                  rank_margin)
+from encoder_probe.logreg import RANK_TOL, LogisticRegression, LogisticRegressionGrid, fits_in_memory, linear_head
 from encoder_probe.normalize import NORMALIZE, Normalizer
 from encoder_probe.probe import Needs, Probe, ProbeResult, last_layers, over_seeds, protocol, runtime, topk_defined
 from encoder_probe.selection import curve_turned, select_and_refit
@@ -77,8 +79,8 @@ class LinearConfig:
                                             "best (0: the whole grid)")
     sweep_tol: float = protocol(1e-3, gt=0, help="the sweep only ranks C: relative gradient of each fit that "
                                                  "could win")
-    rank_tol: float = protocol(RANK_TOL, gt=0, help="a sweep fit this close to its optimum whose held-out top-1 is "
-                                                   "clearly below the best stops there (it cannot win)")
+    rank_tol: float = protocol(RANK_TOL, gt=0, help="stacked sweep: a fit this close to its optimum whose held-out "
+                                                   "top-1 is clearly below the best stops there (it cannot win)")
     tol: float = protocol(1e-3, gt=0, help="of the final refit: W within ~tol of the optimum")
     seeds: int = runtime(1, min=1, help="reruns of the held-out split and (per_class) the train subsample")
     batch_size: int = runtime(64, min=1, help="extraction batch")
@@ -146,24 +148,16 @@ def sweep_path(x, y, x_held, y_held, Cs, config, n_classes, device=None) -> tupl
                                       rank_tol=config.rank_tol).fit(X, y, scorer=score)
         return grid.models_, [None if np.isnan(v) else float(v) for v in grid.scores_], grid.stopped_
     models, scores, stopped = [], [], None
-    racing = full_batch and config.rank_tol > config.sweep_tol  # mini-batch Adam runs its epochs, no tolerance
-    fit = lambda C, tol, init: LogisticRegression(  # noqa: E731
-        C=C, max_iter=config.max_iter, tol=tol, device=device, n_classes=n_classes,
-        batch_size=None if full_batch else MINIBATCH).fit(X, y, init=init)
-    for C in Cs:
-        if stopped is not None:
+    for C in Cs:  # warm starts carry each solution to the next C: every fit goes to sweep_tol, no racing
+        if stopped is None:
+            models.append(LogisticRegression(C=C, max_iter=config.max_iter, tol=config.sweep_tol, device=device,
+                                             n_classes=n_classes, batch_size=None if full_batch else MINIBATCH)
+                          .fit(X, y, init=models[-1] if models else None))
+            scores.append(score(models[-1]))
+            stopped = curve_turned(scores, config.patience, Cs, len(y_held))
+        else:
             models.append(None)
             scores.append(None)
-            continue
-        if racing:  # to rank_tol first; a contender (not clearly below the best so far) goes on to sweep_tol
-            model = fit(C, config.rank_tol, models[-1] if models else None)
-            if not scores or score(model) >= max(scores) - rank_margin(len(y_held), model.relative_gradient_):
-                model = fit(C, config.sweep_tol, model)
-        else:
-            model = fit(C, config.sweep_tol, models[-1] if models else None)
-        models.append(model)
-        scores.append(score(model))
-        stopped = curve_turned(scores, config.patience, Cs, len(y_held))
     return models, scores, stopped
 
 

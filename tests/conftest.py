@@ -6,7 +6,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# two cores: one torch thread per pytest-xdist worker (make test runs two), both threads otherwise
+# two cores: one torch thread per pytest-xdist worker (make test runs two), both threads otherwise; the
+# processes a test starts (CLI runs, notebook kernels, torchrun) inherit one thread each. No test module
+# sets its own count: one that did, imported by every worker at collection, ran the whole suite on twice
+# as many threads as cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
@@ -34,6 +39,26 @@ def toy_dir(tmp_path_factory):
         if name not in made:
             made[name] = write(root / name)
         return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mnist_features(tmp_path_factory):
+    """Pooled features of mnist-5k (40 train and 40 val images a class) through a built-in encoder:
+    ``mnist_features(spec) -> (x, y, xv, yv)``. Extracted once for the whole run: the feature cache sits
+    where every pytest-xdist worker sees it, and its lock makes a second worker wait for the first."""
+    import numpy as np
+
+    from encoder_probe.data import open_dataset
+    from encoder_probe.features import extract
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "mnist-features"
+
+    def get(spec):
+        train, val = (extract(spec, open_dataset("mnist-5k", split=split, per_class=40), out=shared, progress=False)
+                      for split in ("train", "val"))
+        return np.asarray(train.pooled()), train.labels, np.asarray(val.pooled()), val.labels
 
     return get
 

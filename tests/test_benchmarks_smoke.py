@@ -78,9 +78,9 @@ def test_linear_probe_solvers_and_table():
     assert text.splitlines()[0].startswith("| case | solver |") and "| ours | " in text and "1.00x" in text
 
 
-def test_linear_probe_tight_reference_races_nothing():
+def test_linear_probe_tight_reference_is_sequential_to_1e5_over_the_whole_grid():
     config = linear_probe.tight_sequential_config()
-    assert (config.sweep, config.sweep_tol, config.rank_tol, config.patience) == ("sequential", 1e-5, 1e-5, 0)
+    assert (config.sweep, config.sweep_tol, config.patience) == ("sequential", 1e-5, 0)
 
 
 def test_balanced_subset_keeps_every_class():

@@ -15,7 +15,6 @@ from encoder_probe.runner import run_probe, run_suite
 from encoder_probe.localization import chance, energy_in_mask, object_masks, pointing_game
 from encoder_probe.targets import HeadTarget, TextTarget
 
-torch.set_num_threads(2)
 
 
 def _timm_logit_target(spec):

@@ -11,14 +11,10 @@ import encoder_probe.logreg as logreg
 import probes.linear as linear
 from encoder_probe.logreg import LogisticRegression, LogisticRegressionGrid, _Stacked, rank_margin
 from encoder_probe.selection import curve_turned
-from encoder_probe import load_encoder
-from encoder_probe.data import open_dataset
-from encoder_probe.features import extract
 from probes.linear import LinearConfig, run_protocol
 
 CS = np.logspace(-3, 3, 13).tolist()
-# the reference: one C at a time, every C, each to 1e-5 (rank_tol no looser: no head is left at a rank tolerance)
-TIGHT = LinearConfig(sweep="sequential", sweep_tol=1e-5, rank_tol=1e-5, patience=0)
+TIGHT = LinearConfig(sweep="sequential", sweep_tol=1e-5, patience=0)  # the reference: one C at a time, every C
 
 
 def gauss(n, d, k, spread, seed):
@@ -156,20 +152,6 @@ def test_a_head_left_at_rank_tol_is_resumed_when_the_best_falls_back_to_it(monke
     assert all(model.tol == 1e-3 and model.converged_ for model in grid.models_)
 
 
-def test_sequential_racing_fits_contenders_to_sweep_tol():
-    x, y, xh, yh = held_out_pair()
-    config, grid = LinearConfig(sweep="sequential", patience=0), CS[:9]
-    models, scores, _ = linear.sweep_path(x, y, xh, yh, grid, config, 10)
-    tight, tight_scores, _ = linear.sweep_path(x, y, xh, yh, grid, dataclasses.replace(config, rank_tol=1e-3), 10)
-    assert [m.tol for m in tight] == [1e-3] * len(grid)
-    ranked = [h for h, m in enumerate(models) if m.tol == config.rank_tol]
-    assert ranked and all(scores[h] < max(scores[:h]) - rank_margin(len(yh), models[h].relative_gradient_)
-                          for h in ranked)
-    assert all(models[h].tol == config.sweep_tol and models[h].converged_
-               for h in range(len(grid)) if h not in ranked)
-    assert np.argmax(scores) == np.argmax(tight_scores)
-
-
 def test_features_go_to_the_device_once_for_the_whole_sweep(monkeypatch):
     x, y = gauss(600, 16, 5, 2.0, 0)
     xv, yv = gauss(200, 16, 5, 2.0, 1)
@@ -224,18 +206,12 @@ def test_loose_stacked_sweep_picks_the_tight_C_on_a_sharp_synthetic_curve():
 
 @pytest.mark.slow
 def test_loose_stacked_sweep_picks_the_tight_C_on_a_flat_synthetic_curve():
-    x, y = gauss(2000, 16, 10, 1.5, 0)  # held-out curve ... .458 .463 .463 [.468] .468 .468 ...
+    """Up to C = 100 (past it the held-out curve stays flat and both solvers spend max_iter on each C);
+    the tight reference at 1e-4 (at 1e-5 it also runs C >= 31.6 to max_iter, for the same choice)."""
+    x, y = gauss(2000, 16, 10, 1.5, 0)  # held-out curve ... .458 .463 .463 [.468] .468 .468
     xv, yv = gauss(1000, 16, 10, 1.5, 1)
-    assert_same_choice(x, y, xv, yv, 10, "flat")
-
-
-@pytest.fixture(scope="module")
-def mnist_features(tmp_path_factory):
-    """Real features: the built-in ImageNet MobileNetV2 on mnist-5k, 40 train and 40 val images a class."""
-    encoder, out = load_encoder("torchvision:mobilenet_v2@imagenet"), tmp_path_factory.mktemp("mnist")
-    train, val = (extract(encoder, open_dataset("mnist-5k", split=split, per_class=40), out=out, progress=False)
-                  for split in ("train", "val"))
-    return np.asarray(train.pooled()), train.labels, np.asarray(val.pooled()), val.labels
+    assert_same_choice(x, y, xv, yv, 10, "flat", dataclasses.replace(TIGHT, sweep_tol=1e-4),
+                       Cs=np.logspace(-3, 2, 11).tolist())
 
 
 @pytest.mark.slow
@@ -243,7 +219,7 @@ def test_loose_stacked_sweep_picks_the_tight_C_on_real_features(mnist_features):
     """Flat: all 400 train images (held-out curve .875 .9 [.925] .925 .925 ...). Sharp: 10 a class
     (.8 [.9] .8 .8 ...). Both on the grid's low end, where the peaks are: at large C these few-shot
     features are separable and the tight solver needs minutes. The tight reference is 1e-4 here."""
-    x, y, xv, yv = mnist_features
+    x, y, xv, yv = mnist_features("torchvision:mobilenet_v2@imagenet")
     tight, grid = dataclasses.replace(TIGHT, sweep_tol=1e-4), np.logspace(-3, 0, 7).tolist()
     assert_same_choice(x, y, xv, yv, 10, "flat", tight, Cs=grid)
     few = np.concatenate([np.flatnonzero(y == c)[:10] for c in range(10)])

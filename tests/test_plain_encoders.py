@@ -19,7 +19,6 @@ from safetensors.torch import save_file  # noqa: E402
 from encoder_probe import load_encoder  # noqa: E402
 from encoder_probe.errors import CheckpointError, LayerError, SpecError  # noqa: E402
 
-torch.set_num_threads(2)
 
 VIT = "vit_tiny_patch16_224"
 # load_encoder seeds random-init towers with 0; references use another seed, so a loader that

@@ -319,6 +319,7 @@ class LogisticRegressionGrid:
     n_passes_: int = 0  # evaluations of the stacked objective (each one pass over the features)
     stopped_: str | None = None
     ranked_: list | None = None  # heads left at rank_tol, clearly below the best
+    probes_: np.ndarray | None = None  # each head's held-out score at its latest check below rank_tol (NaN: none)
 
     def fit(self, X, y, scorer=None, init: "LogisticRegression | None" = None) -> "LogisticRegressionGrid":
         """``init``: a fitted model (same classes) every head starts from (the refit starts from the
@@ -343,9 +344,8 @@ class LogisticRegressionGrid:
                            at=theta if warm else None, lam=lam)
 
         racing = self.rank_tol is not None and self.rank_tol > self.tol and scorer is not None and self.n_scored
-        # each head's held-out score at its latest check below rank_tol; the heads left there, with their margin
-        self._probes, ranked = np.full(H, np.nan), {}
-        probes = self._probes
+        self.probes_, ranked = np.full(H, np.nan), {}  # ranked: the heads left at rank_tol, with their margins
+        probes = self.probes_
 
         def model(h, theta_h, gradient, n_iter):  # a head left at rank_tol is judged by that tolerance
             fitted = LogisticRegression(C=Cs[h], max_iter=self.max_iter, tol=self.tol, device=self.device,
@@ -404,7 +404,7 @@ class LogisticRegressionGrid:
     def _turned(self) -> int | None:
         """The first head to drop once the curve over the smallest Cs has turned, else None. A head still
         fitting counts with its latest held-out score below rank_tol (the contenders near the best)."""
-        scores = np.where(np.isnan(self.scores_), self._probes, self.scores_)
+        scores = np.where(np.isnan(self.scores_), self.probes_, self.scores_)
         done = 0
         while done < len(scores) and not np.isnan(scores[done]):
             done += 1

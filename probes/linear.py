@@ -80,7 +80,8 @@ class LinearConfig:
     sweep_tol: float = protocol(1e-3, gt=0, help="the sweep only ranks C: relative gradient of each fit that "
                                                  "could win")
     rank_tol: float = protocol(RANK_TOL, gt=0, help="stacked sweep: a fit this close to its optimum whose held-out "
-                                                   "top-1 is clearly below the best stops there (it cannot win)")
+                                                   "top-1 is clearly below the best stops there, it cannot win "
+                                                   "(at or below sweep_tol: no such stop)")
     tol: float = protocol(1e-3, gt=0, help="of the final refit: W within ~tol of the optimum")
     seeds: int = runtime(1, min=1, help="reruns of the held-out split and (per_class) the train subsample")
     batch_size: int = runtime(64, min=1, help="extraction batch")

@@ -44,20 +44,27 @@ def toy_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mnist_features(tmp_path_factory):
+def shared_cache(tmp_path_factory):
+    """An ENCODER_PROBE_CACHE root every pytest-xdist worker sees; its ``features`` is the default feature
+    cache under it. Tests that extract the same real encoder on the same data (the random-twin tests, the
+    notebook) extract it once per run: the cache's lock makes a second worker wait for the first. Only for
+    tests that do not look at cache hits and misses."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared-cache"
+
+
+@pytest.fixture(scope="session")
+def mnist_features(shared_cache):
     """Pooled features of mnist-5k (40 train and 40 val images a class) through a built-in encoder:
-    ``mnist_features(spec) -> (x, y, xv, yv)``. Extracted once for the whole run: the feature cache sits
-    where every pytest-xdist worker sees it, and its lock makes a second worker wait for the first."""
+    ``mnist_features(spec) -> (x, y, xv, yv)``, extracted once per run (:func:`shared_cache`)."""
     import numpy as np
 
     from encoder_probe.data import open_dataset
     from encoder_probe.features import extract
-    root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "mnist-features"
 
     def get(spec):
-        train, val = (extract(spec, open_dataset("mnist-5k", split=split, per_class=40), out=shared, progress=False)
-                      for split in ("train", "val"))
+        train, val = (extract(spec, open_dataset("mnist-5k", split=split, per_class=40), out=shared_cache / "features",
+                              progress=False) for split in ("train", "val"))
         return np.asarray(train.pooled()), train.labels, np.asarray(val.pooled()), val.labels
 
     return get

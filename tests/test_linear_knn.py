@@ -360,10 +360,11 @@ def test_head_output_is_the_saved_head_or_says_why_not(seven_classes, test_vit, 
 # two classes: C is sklearn's C (binomial model), and convergence is recorded
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def lfw_features(tmp_path_factory):
-    """Standardised pooled features of the built-in ImageNet MobileNetV2 on lfw-faces (face vs not)."""
+def lfw_features(shared_cache):
+    """Standardised pooled features of the built-in ImageNet MobileNetV2 on lfw-faces (face vs not),
+    extracted once per run (the tests that read them may run on either xdist worker)."""
     encoder = load_encoder("torchvision:mobilenet_v2@imagenet")
-    run = Run(encoder, data={"lfw-faces": None}, cache=tmp_path_factory.mktemp("lfw"), progress=False)
+    run = Run(encoder, data={"lfw-faces": None}, cache=shared_cache / "features", progress=False)
     read = run.context("imagenet").labelled(LinearConfig())
     norm = Normalizer("standardize", read.x)
     return norm(read.x), read.y, norm(read.xv), read.yv

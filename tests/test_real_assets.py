@@ -116,5 +116,5 @@ def test_pretrained_features_beat_the_random_twin_on_mnist_5k(mnist_features):
         knn = make_pipeline(Normalizer(), KNeighborsClassifier(5)).fit(x, y).score(xv, yv)
         scores[spec] = linear, knn
     (lin, knn), (lin_random, knn_random) = scores.values()
-    assert lin > 0.85 and lin - lin_random > 0.04, scores  # measured 0.91 vs 0.84 (30 a class, 50 val a class)
-    assert knn > 0.75 and knn - knn_random > 0.2, scores  # measured 0.85 vs 0.55
+    assert lin > 0.85 and lin - lin_random > 0.04, scores  # measured 0.94 vs 0.845 (40 a class)
+    assert knn > 0.75 and knn - knn_random > 0.2, scores  # measured 0.858 vs 0.62

@@ -24,6 +24,11 @@ def cache_root() -> Path:
     return Path(xdg) / "encoder-probe"
 
 
+def feature_cache(cache=None) -> Path:
+    """Where extracted features live: ``cache`` if given, else ``features`` under :func:`cache_root`."""
+    return Path(cache) if cache is not None else cache_root() / "features"
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS tells (Linux), else set and restored."""
     try:

@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .cache import atomic_dir, atomic_write_bytes, atomic_write_json, cache_root
+from .cache import atomic_dir, atomic_write_bytes, atomic_write_json, feature_cache
 from .data.base import ImageDataset
 from .runtime import AUTOCASTS, DECODES
 from .data.images import BadSample
@@ -597,7 +597,7 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
     pool: any of cls | mean | cls+mean | head. tokens: also keep patch/prefix tokens (float16).
     An encoder loaded with ``view="full"`` gives a ragged entry (``FeatureSet.ragged``; see the module
     docstring): ``token_rows(i)``, ``layout(i)``, ``mask(i)`` per row.
-    out: the cache directory (default ``cache_root()/features``).
+    out: the cache directory (default :func:`~encoder_probe.cache.feature_cache`: ``cache_root()/features``).
     on_bad_image: "fail" (default; the error names the file) or "skip" (skipped files are counted
     in ``meta["skipped"]``). A mask that does not fit its image or has unknown labels always fails.
     num_workers: None balances loader workers against torch threads on CPU (:func:`cpu_plan`).
@@ -640,7 +640,7 @@ def extract(encoder, dataset: ImageDataset, *, out: str | Path | None = None, la
     if "head" in pool and layers != ["final"]:
         raise SpecError(f"pool 'head' is the model's own head on its final tokens: needs layers=['final'], "
                         f"got {layers}")
-    out = Path(out) if out is not None else cache_root() / "features"
+    out = feature_cache(out)
     dataset.with_transform(encoder.preprocess)
     pipeline, decoded = _decode_plan(decode, encoder, dataset)
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .cache import atomic_write_json, cache_root, check_writable_dir
+from .cache import atomic_write_json, check_writable_dir, feature_cache
 from .encoders import load_encoder
 from .context import Run
 from .errors import DataError, EncoderProbeError, SpecError
@@ -104,7 +104,7 @@ def describe_data(data: dict | None, cache=None, per_class: int | None = None) -
     import inspect
 
     from .data import DATASETS, open_dataset
-    memo = Path(cache if cache is not None else cache_root() / "features") / ".file-hashes"
+    memo = feature_cache(cache) / ".file-hashes"
     described = {}
     for name, root in (DEFAULT_DATA if data is None else data).items():
         subset = {"per_class": per_class} if per_class and "per_class" in inspect.signature(DATASETS[name]).parameters \
@@ -343,7 +343,7 @@ def _check_inputs(encoders: list, out, cache, *, device, dtype, seeds, bootstrap
     if not encoders:
         raise SpecError("no encoder given")
     check_writable_dir(out, "out")
-    check_writable_dir(cache if cache is not None else cache_root() / "features", "cache")
+    check_writable_dir(feature_cache(cache), "cache")
     parse_device(device)
     parse_dtype(dtype)
     if load_options.get("image_size") is not None:

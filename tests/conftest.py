@@ -45,10 +45,10 @@ def toy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """An ENCODER_PROBE_CACHE root every pytest-xdist worker sees; its ``features`` is the default feature
-    cache under it. Tests that extract the same real encoder on the same data (the random-twin tests, the
-    notebook) extract it once per run: the cache's lock makes a second worker wait for the first. Only for
-    tests that do not look at cache hits and misses."""
+    """A cache root every pytest-xdist worker sees: tests that extract the same real encoder on the same data
+    (mnist-5k for the parity and random-twin tests, lfw-faces for the two-class tests) extract it once per
+    run; the cache's lock makes a second worker wait for the first. Only for tests that do not look at
+    cache hits and misses."""
     root = tmp_path_factory.getbasetemp()
     return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared-cache"
 
@@ -62,9 +62,11 @@ def mnist_features(shared_cache):
     from encoder_probe.data import open_dataset
     from encoder_probe.features import extract
 
+    out = shared_cache / "mnist"
+
     def get(spec):
-        train, val = (extract(spec, open_dataset("mnist-5k", split=split, per_class=40), out=shared_cache / "features",
-                              progress=False) for split in ("train", "val"))
+        train, val = (extract(spec, open_dataset("mnist-5k", split=split, per_class=40), out=out, progress=False)
+                      for split in ("train", "val"))
         return np.asarray(train.pooled()), train.labels, np.asarray(val.pooled()), val.labels
 
     return get

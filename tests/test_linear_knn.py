@@ -215,15 +215,14 @@ def test_seeds_rerun_the_train_subsample_under_per_class(seven_classes, test_vit
 
 
 @pytest.mark.slow
-def test_pretrained_tower_beats_its_random_twin_on_demo_data(shared_cache):
+def test_pretrained_tower_beats_its_random_twin_on_demo_data(tmp_path):
     """Real signal on the built-in demo data (the ImageNet tower, not a tower trained in the test:
-    test_vit/test_resnet trained 15 epochs on the 240 demo images stayed at chance). The features are
-    the notebook test's (same towers, same data): extracted once per run."""
-    scores, cache = {}, shared_cache / "features"
+    test_vit/test_resnet trained 15 epochs on the 240 demo images stayed at chance)."""
+    scores = {}
     for spec in ("torchvision:mobilenet_v2@imagenet", "torchvision:mobilenet_v2"):
         encoder = load_encoder(spec)
-        result = run_probe("imagenet", encoder, options={"Cs": [0.01, 0.1, 1.0, 10.0]}, cache=cache, seeds=2)
-        knn = run_probe("knn", encoder, cache=cache, bootstrap=0)
+        result = run_probe("imagenet", encoder, options={"Cs": [0.01, 0.1, 1.0, 10.0]}, cache=tmp_path, seeds=2)
+        knn = run_probe("knn", encoder, cache=tmp_path, bootstrap=0)
         scores[spec] = result["metrics"]["top1"]["value"], knn["metrics"]["top1@k=10"]["value"]
         top1 = result["metrics"]["top1"]
         assert len(top1["values"]) == 2 and "ci95" in top1 and "seed_ci95" in top1  # both sources of noise
@@ -364,7 +363,7 @@ def lfw_features(shared_cache):
     """Standardised pooled features of the built-in ImageNet MobileNetV2 on lfw-faces (face vs not),
     extracted once per run (the tests that read them may run on either xdist worker)."""
     encoder = load_encoder("torchvision:mobilenet_v2@imagenet")
-    run = Run(encoder, data={"lfw-faces": None}, cache=shared_cache / "features", progress=False)
+    run = Run(encoder, data={"lfw-faces": None}, cache=shared_cache / "lfw", progress=False)
     read = run.context("imagenet").labelled(LinearConfig())
     norm = Normalizer("standardize", read.x)
     return norm(read.x), read.y, norm(read.xv), read.yv

@@ -18,12 +18,12 @@ def _loads(name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_explore_notebook_executes(tmp_path, monkeypatch, shared_cache):
+def test_explore_notebook_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
     monkeypatch.setenv("EXPLORE_OUT", str(tmp_path / "explore"))  # the kernel inherits the environment
-    monkeypatch.setenv("ENCODER_PROBE_CACHE", str(shared_cache))  # the random-twin test's features too
+    monkeypatch.setenv("ENCODER_PROBE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     start = time.perf_counter()
